@@ -1,0 +1,22 @@
+/// An invalid transport option, found before any socket is opened.
+///
+/// `field` names the option, as spelled by its [`UdpOptions`](crate::UdpOptions)
+/// method.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid transport option `{field}`: {reason}")]
+#[non_exhaustive]
+pub struct OptionsError {
+    /// The option at fault.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl OptionsError {
+    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! UDP sockets on tokio, configured with socket2 and read with `recvmsg`.
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+
+use crate::{Bind, OptionsError, RecvMeta, Transmit, Transport};
+
+#[cfg(not(unix))]
+compile_error!("abyss-transport's UdpTransport supports unix systems only");
+
+#[path = "udp/unix.rs"]
+mod imp;
+
+/// How many datagrams one `poll_recv`/`poll_send` call moves at most.
+const BATCH: usize = 32;
+
+/// An IPv4 multicast group to join, and the local interface address to join
+/// it on (`0.0.0.0` lets the system choose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct MulticastV4 {
+    /// The group, in 224.0.0.0/4.
+    pub group: Ipv4Addr,
+    /// The address of the interface to join on.
+    pub interface: Ipv4Addr,
+}
+
+impl MulticastV4 {
+    /// Group `group` on the interface with address `interface`.
+    pub fn new(group: Ipv4Addr, interface: Ipv4Addr) -> Self {
+        Self { group, interface }
+    }
+}
+
+/// An IPv6 multicast group to join, and the index of the interface to join it
+/// on (0 lets the system choose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct MulticastV6 {
+    /// The group, in ff00::/8.
+    pub group: Ipv6Addr,
+    /// The interface index.
+    pub interface: u32,
+}
+
+impl MulticastV6 {
+    /// Group `group` on the interface with index `interface`.
+    pub fn new(group: Ipv6Addr, interface: u32) -> Self {
+        Self { group, interface }
+    }
+}
+
+/// Socket options for [`UdpTransport`]; the original's `transport_options`.
+///
+/// Every option left unset keeps the operating system's default, except
+/// `reuse_port`, which is on so that a listener pool can share one port.
+/// [`UdpOptions`] is also a [`Bind`]: it opens groups of sockets on one
+/// address.
+///
+/// # Example
+///
+/// An mDNS listener's socket:
+///
+/// ```
+/// use std::net::{Ipv4Addr, Ipv6Addr};
+/// use abyss_transport::{MulticastV4, MulticastV6, UdpOptions};
+///
+/// let options = UdpOptions::new()
+///     .reuse_address(true)
+///     .join_multicast_v4(MulticastV4::new(Ipv4Addr::new(224, 0, 0, 251), Ipv4Addr::UNSPECIFIED))
+///     .multicast_loop_v4(true)
+///     .recv_buffer_size(1 << 20);
+/// assert!(options.validate().is_ok());
+///
+/// let wrong = UdpOptions::new()
+///     .join_multicast_v6(MulticastV6::new(Ipv6Addr::LOCALHOST, 0));
+/// assert_eq!(wrong.validate().unwrap_err().field, "join_multicast_v6");
+/// ```
+#[derive(Debug, Clone)]
+pub struct UdpOptions {
+    reuse_address: bool,
+    reuse_port: bool,
+    broadcast: bool,
+    multicast_v4: Vec<MulticastV4>,
+    multicast_v6: Vec<MulticastV6>,
+    multicast_loop_v4: Option<bool>,
+    multicast_loop_v6: Option<bool>,
+    multicast_ttl_v4: Option<u32>,
+    multicast_hops_v6: Option<u32>,
+    multicast_if_v4: Option<Ipv4Addr>,
+    multicast_if_v6: Option<u32>,
+    recv_buffer_size: Option<usize>,
+    send_buffer_size: Option<usize>,
+    only_v6: Option<bool>,
+    bind_device: Option<String>,
+}
+
+impl Default for UdpOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UdpOptions {
+    /// The defaults: `SO_REUSEPORT` on, everything else as the system sets it.
+    pub fn new() -> Self {
+        Self {
+            reuse_address: false,
+            reuse_port: true,
+            broadcast: false,
+            multicast_v4: Vec::new(),
+            multicast_v6: Vec::new(),
+            multicast_loop_v4: None,
+            multicast_loop_v6: None,
+            multicast_ttl_v4: None,
+            multicast_hops_v6: None,
+            multicast_if_v4: None,
+            multicast_if_v6: None,
+            recv_buffer_size: None,
+            send_buffer_size: None,
+            only_v6: None,
+            bind_device: None,
+        }
+    }
+
+    /// `SO_REUSEADDR`: let other sockets bind the same address (mDNS and
+    /// other multicast listeners share port 5353 this way). Default off.
+    #[must_use]
+    pub fn reuse_address(mut self, on: bool) -> Self {
+        self.reuse_address = on;
+        self
+    }
+
+    /// `SO_REUSEPORT`: let several sockets of this user bind the same port,
+    /// with the kernel spreading peers across them. Default on; a server with
+    /// more than one listener needs it.
+    #[must_use]
+    pub fn reuse_port(mut self, on: bool) -> Self {
+        self.reuse_port = on;
+        self
+    }
+
+    /// Whether `reuse_port` is on.
+    pub fn reuses_port(&self) -> bool {
+        self.reuse_port
+    }
+
+    /// `SO_BROADCAST`: allow sending to broadcast addresses (DHCP). Default
+    /// off.
+    #[must_use]
+    pub fn broadcast(mut self, on: bool) -> Self {
+        self.broadcast = on;
+        self
+    }
+
+    /// Joins an IPv4 multicast group when the socket is opened.
+    #[must_use]
+    pub fn join_multicast_v4(mut self, membership: MulticastV4) -> Self {
+        self.multicast_v4.push(membership);
+        self
+    }
+
+    /// Joins an IPv6 multicast group when the socket is opened.
+    #[must_use]
+    pub fn join_multicast_v6(mut self, membership: MulticastV6) -> Self {
+        self.multicast_v6.push(membership);
+        self
+    }
+
+    /// `IP_MULTICAST_LOOP`: whether multicast this socket sends is looped
+    /// back to local listeners.
+    #[must_use]
+    pub fn multicast_loop_v4(mut self, on: bool) -> Self {
+        self.multicast_loop_v4 = Some(on);
+        self
+    }
+
+    /// `IPV6_MULTICAST_LOOP`.
+    #[must_use]
+    pub fn multicast_loop_v6(mut self, on: bool) -> Self {
+        self.multicast_loop_v6 = Some(on);
+        self
+    }
+
+    /// `IP_MULTICAST_TTL` (0 to 255).
+    #[must_use]
+    pub fn multicast_ttl_v4(mut self, ttl: u32) -> Self {
+        self.multicast_ttl_v4 = Some(ttl);
+        self
+    }
+
+    /// `IPV6_MULTICAST_HOPS` (0 to 255).
+    #[must_use]
+    pub fn multicast_hops_v6(mut self, hops: u32) -> Self {
+        self.multicast_hops_v6 = Some(hops);
+        self
+    }
+
+    /// `IP_MULTICAST_IF`: the interface address multicast is sent from (the
+    /// original's `multicast_if`).
+    #[must_use]
+    pub fn multicast_if_v4(mut self, interface: Ipv4Addr) -> Self {
+        self.multicast_if_v4 = Some(interface);
+        self
+    }
+
+    /// `IPV6_MULTICAST_IF`: the interface index multicast is sent from.
+    #[must_use]
+    pub fn multicast_if_v6(mut self, interface: u32) -> Self {
+        self.multicast_if_v6 = Some(interface);
+        self
+    }
+
+    /// `SO_RCVBUF` in bytes (the original's `recbuf`). The system may double
+    /// or cap it (Linux: `net.core.rmem_max`).
+    #[must_use]
+    pub fn recv_buffer_size(mut self, bytes: usize) -> Self {
+        self.recv_buffer_size = Some(bytes);
+        self
+    }
+
+    /// `SO_SNDBUF` in bytes (the original's `sndbuf`).
+    #[must_use]
+    pub fn send_buffer_size(mut self, bytes: usize) -> Self {
+        self.send_buffer_size = Some(bytes);
+        self
+    }
+
+    /// `IPV6_V6ONLY`: for an IPv6 bind address, `false` makes the socket
+    /// dual-stack (IPv4 peers appear as `::ffff:a.b.c.d`).
+    #[must_use]
+    pub fn only_v6(mut self, on: bool) -> Self {
+        self.only_v6 = Some(on);
+        self
+    }
+
+    /// `SO_BINDTODEVICE` (Linux): receive and send only through the named
+    /// interface. Needs `CAP_NET_RAW` on most kernels.
+    #[must_use]
+    pub fn bind_device(mut self, interface: impl Into<String>) -> Self {
+        self.bind_device = Some(interface.into());
+        self
+    }
+
+    /// Checks the options without opening a socket.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        if let Some(m) = self.multicast_v4.iter().find(|m| !m.group.is_multicast()) {
+            return Err(OptionsError::new(
+                "join_multicast_v4",
+                format!("{} is not an IPv4 multicast address (224.0.0.0/4)", m.group),
+            ));
+        }
+        if let Some(m) = self.multicast_v6.iter().find(|m| !m.group.is_multicast()) {
+            return Err(OptionsError::new(
+                "join_multicast_v6",
+                format!("{} is not an IPv6 multicast address (ff00::/8)", m.group),
+            ));
+        }
+        if let Some(ttl) = self.multicast_ttl_v4.filter(|ttl| *ttl > 255) {
+            return Err(OptionsError::new(
+                "multicast_ttl_v4",
+                format!("{ttl} is over 255"),
+            ));
+        }
+        if let Some(hops) = self.multicast_hops_v6.filter(|hops| *hops > 255) {
+            return Err(OptionsError::new(
+                "multicast_hops_v6",
+                format!("{hops} is over 255"),
+            ));
+        }
+        if self.recv_buffer_size == Some(0) {
+            return Err(OptionsError::new("recv_buffer_size", "must not be 0"));
+        }
+        if self.send_buffer_size == Some(0) {
+            return Err(OptionsError::new("send_buffer_size", "must not be 0"));
+        }
+        if let Some(name) = &self.bind_device {
+            // IFNAMSIZ is 16 including the terminating NUL.
+            if name.is_empty() || name.len() > 15 || name.contains('\0') {
+                return Err(OptionsError::new(
+                    "bind_device",
+                    format!("{name:?} is not an interface name (1 to 15 bytes, no NUL)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens, configures and binds one socket (not yet registered with tokio).
+    fn open(&self, addr: SocketAddr) -> io::Result<Socket> {
+        self.validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if self.reuse_address {
+            socket.set_reuse_address(true)?;
+        }
+        if self.reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        if self.broadcast {
+            socket.set_broadcast(true)?;
+        }
+        if let Some(bytes) = self.recv_buffer_size {
+            socket.set_recv_buffer_size(bytes)?;
+        }
+        if let Some(bytes) = self.send_buffer_size {
+            socket.set_send_buffer_size(bytes)?;
+        }
+        if addr.is_ipv6() {
+            if let Some(on) = self.only_v6 {
+                socket.set_only_v6(on)?;
+            }
+        }
+        if let Some(name) = &self.bind_device {
+            socket.bind_device(Some(name.as_bytes()))?;
+        }
+        if let Some(on) = self.multicast_loop_v4 {
+            socket.set_multicast_loop_v4(on)?;
+        }
+        if let Some(on) = self.multicast_loop_v6 {
+            socket.set_multicast_loop_v6(on)?;
+        }
+        if let Some(ttl) = self.multicast_ttl_v4 {
+            socket.set_multicast_ttl_v4(ttl)?;
+        }
+        if let Some(hops) = self.multicast_hops_v6 {
+            socket.set_multicast_hops_v6(hops)?;
+        }
+        if let Some(interface) = self.multicast_if_v4 {
+            socket.set_multicast_if_v4(&interface)?;
+        }
+        if let Some(interface) = self.multicast_if_v6 {
+            socket.set_multicast_if_v6(interface)?;
+        }
+        imp::enable_metadata(&socket, addr)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        for m in &self.multicast_v4 {
+            socket.join_multicast_v4(&m.group, &m.interface)?;
+        }
+        for m in &self.multicast_v6 {
+            socket.join_multicast_v6(&m.group, m.interface)?;
+        }
+        Ok(socket)
+    }
+}
+
+impl Bind for UdpOptions {
+    fn bind_group(&self, addr: SocketAddr, count: usize) -> io::Result<Vec<Arc<dyn Transport>>> {
+        if count > 1 && !self.reuse_port {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                OptionsError::new(
+                    "reuse_port",
+                    format!("{count} sockets cannot share {addr} without SO_REUSEPORT"),
+                ),
+            ));
+        }
+        let first = UdpTransport::bind(addr, self)?;
+        // With port 0 the first socket picks the port and the rest join it.
+        let shared = first.local_addr()?;
+        let mut group: Vec<Arc<dyn Transport>> = Vec::with_capacity(count);
+        group.push(Arc::new(first));
+        for _ in 1..count {
+            group.push(Arc::new(UdpTransport::bind(shared, self)?));
+        }
+        Ok(group)
+    }
+}
+
+/// A UDP socket driven by tokio.
+///
+/// Opened with [`UdpTransport::bind`] (options from [`UdpOptions`]) or
+/// adopted with [`UdpTransport::from_std`]. Must be created inside a tokio
+/// runtime.
+///
+/// On unix it reads with `recvmsg`, so a datagram longer than the buffer is
+/// reported as [`truncated`](RecvMeta::truncated). On Linux it also reports
+/// the destination address of each datagram and, when bound to a wildcard
+/// address, sends from the [`src_ip`](Transmit::src_ip) it is given, so a
+/// multi-homed server answers from the address it was asked on.
+#[derive(Debug)]
+pub struct UdpTransport {
+    io: tokio::net::UdpSocket,
+    local: SocketAddr,
+    state: imp::State,
+}
+
+impl UdpTransport {
+    /// Opens a socket on `addr` with `options`.
+    ///
+    /// Invalid options give an [`io::ErrorKind::InvalidInput`] error whose
+    /// inner error is an [`OptionsError`]; an address already taken gives
+    /// [`io::ErrorKind::AddrInUse`].
+    pub fn bind(addr: SocketAddr, options: &UdpOptions) -> io::Result<Self> {
+        let socket = options.open(addr)?;
+        Self::from_std(socket.into())
+    }
+
+    /// Adopts a bound socket, turning on destination-address reporting and
+    /// the kernel drop counter where the system has them.
+    pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let local = socket.local_addr()?;
+        imp::enable_metadata(&socket2::SockRef::from(&socket), local)?;
+        Ok(Self {
+            io: tokio::net::UdpSocket::from_std(socket)?,
+            local,
+            state: imp::State::new(),
+        })
+    }
+
+    /// Joins an IPv4 multicast group on a socket that is already open.
+    pub fn join_multicast_v4(&self, membership: MulticastV4) -> io::Result<()> {
+        self.io
+            .join_multicast_v4(membership.group, membership.interface)
+    }
+
+    /// Leaves an IPv4 multicast group.
+    pub fn leave_multicast_v4(&self, membership: MulticastV4) -> io::Result<()> {
+        self.io
+            .leave_multicast_v4(membership.group, membership.interface)
+    }
+
+    /// Joins an IPv6 multicast group on a socket that is already open.
+    pub fn join_multicast_v6(&self, membership: MulticastV6) -> io::Result<()> {
+        self.io
+            .join_multicast_v6(&membership.group, membership.interface)
+    }
+
+    /// Leaves an IPv6 multicast group.
+    pub fn leave_multicast_v6(&self, membership: MulticastV6) -> io::Result<()> {
+        self.io
+            .leave_multicast_v6(&membership.group, membership.interface)
+    }
+
+    /// The tokio socket underneath, for options this type does not cover.
+    pub fn as_tokio(&self) -> &tokio::net::UdpSocket {
+        &self.io
+    }
+}
+
+impl Transport for UdpTransport {
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let max = bufs.len().min(meta.len());
+        if max == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if let Some(error) = self.state.take_deferred_error() {
+            return Poll::Ready(Err(error));
+        }
+        let mut filled = 0;
+        while filled < max {
+            let received = self.io.try_io(Interest::READABLE, || {
+                imp::recv(&self.io, &self.state, &mut bufs[filled], &mut meta[filled])
+            });
+            match received {
+                Ok(()) => filled += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if filled > 0 {
+                        break;
+                    }
+                    // Readiness was cleared by try_io; wait for the next edge.
+                    ready!(self.io.poll_recv_ready(cx))?;
+                }
+                Err(e) if filled > 0 => {
+                    self.state.defer_error(e);
+                    break;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(filled))
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        transmits: &[Transmit<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut sent = 0;
+        while sent < transmits.len() {
+            let result = self.io.try_io(Interest::WRITABLE, || {
+                imp::send(&self.io, self.local, &transmits[sent])
+            });
+            match result {
+                Ok(()) => sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if sent > 0 {
+                        break;
+                    }
+                    ready!(self.io.poll_send_ready(cx))?;
+                }
+                Err(_) if sent > 0 => break,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(sent))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    fn max_receive_batch(&self) -> usize {
+        BATCH
+    }
+
+    fn max_transmit_batch(&self) -> usize {
+        BATCH
+    }
+
+    fn kernel_drops(&self) -> Option<u64> {
+        self.state.kernel_drops()
+    }
+}
+
+/// Whether `ip` may be used as the source address of a reply: a datagram
+/// sent to a broadcast or multicast address is answered from the interface's
+/// own address, which the system picks.
+pub(crate) fn usable_source(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    }
+}
