@@ -1,0 +1,35 @@
+#![doc = include_str!("docs/crate.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod error;
+mod reply;
+mod request;
+mod server;
+
+pub use error::Error;
+pub use reply::IntoReply;
+pub use request::{Request, SendHandle};
+pub use server::{
+    Builder, DEFAULT_MAX_DATAGRAM_SIZE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_TIMEOUT, DrainReport, Drops, Server, ServerHandle, Stats,
+};
+
+/// The transport layer: the [`Transport`](transport::Transport) trait, UDP
+/// sockets and their options (re-export of `abyss-transport`).
+pub mod transport {
+    pub use abyss_transport::*;
+}
+
+/// Tower middleware for UDP services (re-export of `abyss-middleware`).
+pub mod middleware {
+    pub use abyss_middleware::*;
+}
+
+pub use bytes::Bytes;
+pub use tower::{BoxError, Layer, Service, ServiceBuilder, service_fn};
+pub use transport::UdpOptions;
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,608 @@
+//! The listener driver: one task per transport, reading batches, calling the
+//! service under backpressure, sending replies, draining on shutdown.
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::io::IoSliceMut;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
+use pin_project_lite::pin_project;
+use tower::{BoxError, Service};
+
+use super::DrainReport;
+use super::stats::{Counters, Outcome};
+use crate::middleware::drop_reason;
+use crate::transport::{RecvMeta, Transmit, Transport};
+use crate::{IntoReply, Request, SendHandle};
+
+const LISTENER: &str = "abyss::listener";
+const CONNECTION: &str = "abyss::connection";
+
+/// Datagrams a listener handles in one poll before it yields to the runtime.
+const BUDGET: usize = 256;
+/// Most datagrams received or sent in one transport call.
+const MAX_BATCH: usize = 32;
+/// Receive scratch space a listener keeps (slots of `max_datagram_size`).
+const SCRATCH_BYTES: usize = 1 << 20;
+/// Payloads are copied into shared blocks of this size, so a small datagram
+/// costs no allocation of its own.
+const ARENA_BYTES: usize = 64 * 1024;
+
+/// Tells a listener to stop reading and drain.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    draining: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Control {
+    pub(crate) fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// What a listener needs besides its service.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) index: usize,
+    /// This listener's share of `max_in_flight`.
+    pub(crate) max_in_flight: usize,
+    pub(crate) max_datagram_size: usize,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+/// A received datagram waiting for the service to be ready.
+struct Received {
+    peer: SocketAddr,
+    dst_ip: Option<IpAddr>,
+    payload: Bytes,
+    at: Instant,
+}
+
+/// A reply waiting for the socket.
+struct Outgoing {
+    destination: SocketAddr,
+    src_ip: Option<IpAddr>,
+    payload: Bytes,
+}
+
+pin_project! {
+    /// A service future, with what is needed to answer it, that turns a
+    /// panic into an outcome.
+    struct InFlight<F> {
+        #[pin]
+        future: F,
+        peer: SocketAddr,
+        dst_ip: Option<IpAddr>,
+    }
+}
+
+enum Finished {
+    Reply(Option<Bytes>),
+    Failed(BoxError),
+    Panicked(String),
+}
+
+struct Done {
+    peer: SocketAddr,
+    dst_ip: Option<IpAddr>,
+    finished: Finished,
+}
+
+impl<F, R, E> Future for InFlight<F>
+where
+    F: Future<Output = Result<R, E>>,
+    R: IntoReply,
+    E: Into<BoxError>,
+{
+    type Output = Done;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done> {
+        let this = self.project();
+        let future = this.future;
+        let finished = match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(response))) => Finished::Reply(response.into_reply()),
+            Ok(Poll::Ready(Err(error))) => Finished::Failed(error.into()),
+            Err(panic) => Finished::Panicked(panic_message(&*panic)),
+        };
+        Poll::Ready(Done {
+            peer: *this.peer,
+            dst_ip: *this.dst_ip,
+            finished,
+        })
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Lets a warning through at most once a second, counting the rest.
+#[derive(Debug, Default)]
+struct LogGate {
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogGate {
+    /// `Some(suppressed since the last one)` when this one may be logged.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.next {
+            Some(next) if now < next => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.next = Some(now + Duration::from_secs(1));
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Whether a reply may be sent to `peer`: never to port 0, an unspecified,
+/// broadcast or multicast address (a spoofed source there turns the server
+/// into an amplifier).
+pub(crate) fn answerable(peer: SocketAddr) -> bool {
+    if peer.port() == 0 {
+        return false;
+    }
+    match peer.ip() {
+        IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast()),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => answerable(SocketAddr::new(IpAddr::V4(v4), peer.port())),
+            None => !(ip.is_unspecified() || ip.is_multicast()),
+        },
+    }
+}
+
+pub(crate) struct Listener<S, F> {
+    transport: Arc<dyn Transport>,
+    local: SocketAddr,
+    service: S,
+    control: Arc<Control>,
+    counters: Arc<[Counters]>,
+    settings: Settings,
+    /// `poll_ready` said yes and `call` has not used it yet.
+    ready: bool,
+    /// Reads are paused at the in-flight cap (counted once per pause).
+    paused: bool,
+    scratch: Vec<u8>,
+    metas: Vec<RecvMeta>,
+    batch: usize,
+    max_transmit: usize,
+    arena: BytesMut,
+    pending: VecDeque<Received>,
+    in_flight: FuturesUnordered<InFlight<F>>,
+    outbox: VecDeque<Outgoing>,
+    kernel_drops_base: u64,
+    recv_log: LogGate,
+    send_log: LogGate,
+    panic_log: LogGate,
+}
+
+impl<S, R, E> Listener<S, S::Future>
+where
+    S: Service<Request, Response = R, Error = E> + Send + 'static,
+    S::Future: Send + 'static,
+    R: IntoReply + Send + 'static,
+    E: Into<BoxError> + Send + 'static,
+{
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        service: S,
+        control: Arc<Control>,
+        counters: Arc<[Counters]>,
+        settings: Settings,
+    ) -> std::io::Result<Self> {
+        let local = transport.local_addr()?;
+        let slot = settings.max_datagram_size;
+        let batch = transport
+            .max_receive_batch()
+            .clamp(1, MAX_BATCH)
+            .min((SCRATCH_BYTES / slot).max(1));
+        let max_transmit = transport.max_transmit_batch().clamp(1, MAX_BATCH);
+        let kernel_drops_base = counters[settings.index].kernel_drops();
+        Ok(Self {
+            transport,
+            local,
+            service,
+            control,
+            counters,
+            settings,
+            ready: false,
+            paused: false,
+            scratch: vec![0; batch * slot],
+            metas: vec![RecvMeta::default(); batch],
+            batch,
+            max_transmit,
+            arena: BytesMut::new(),
+            pending: VecDeque::new(),
+            in_flight: FuturesUnordered::new(),
+            outbox: VecDeque::new(),
+            kernel_drops_base,
+            recv_log: LogGate::default(),
+            send_log: LogGate::default(),
+            panic_log: LogGate::default(),
+        })
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters[self.settings.index]
+    }
+
+    /// Datagrams received and not finished.
+    fn occupancy(&self) -> usize {
+        self.pending.len() + self.in_flight.len() + self.outbox.len()
+    }
+
+    /// Serves until told to drain, then drains up to the shutdown timeout.
+    pub(crate) async fn run(mut self) -> DrainReport {
+        let index = self.settings.index;
+        tracing::info!(target: LISTENER, listener = index, local = %self.local, "listener start");
+        tracing::debug!(target: LISTENER, listener = index, "listener ready");
+        poll_fn(|cx| {
+            self.control.waker.register(cx.waker());
+            if self.control.is_draining() {
+                return Poll::Ready(());
+            }
+            self.poll_serve(cx, true)
+        })
+        .await;
+
+        let outstanding = self.occupancy() as u64;
+        tracing::debug!(target: LISTENER, listener = index, in_flight = outstanding, "listener draining");
+        let deadline = tokio::time::sleep(self.settings.shutdown_timeout);
+        tokio::pin!(deadline);
+        let drained_all = poll_fn(|cx| {
+            if self.poll_serve(cx, false).is_ready() {
+                return Poll::Ready(true);
+            }
+            deadline.as_mut().poll(cx).map(|()| false)
+        })
+        .await;
+        let aborted = if drained_all { 0 } else { self.abort() };
+        let report = DrainReport {
+            drained: outstanding - aborted,
+            aborted,
+        };
+        tracing::info!(
+            target: LISTENER,
+            listener = index,
+            local = %self.local,
+            drained = report.drained,
+            aborted = report.aborted,
+            "listener stop"
+        );
+        report
+    }
+
+    /// Drops everything still in flight, counting it as aborted.
+    fn abort(&mut self) -> u64 {
+        let aborted = self.occupancy() as u64;
+        self.pending.clear();
+        self.in_flight.clear();
+        self.outbox.clear();
+        self.counters().finished(Outcome::Aborted, aborted);
+        aborted
+    }
+
+    /// One round of work. With `reading`, never finishes; without, finishes
+    /// once nothing is left in flight.
+    fn poll_serve(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<()> {
+        let mut budget = BUDGET;
+        loop {
+            let mut progress = false;
+
+            while let Poll::Ready(Some(done)) = self.in_flight.poll_next_unpin(cx) {
+                self.finish(done);
+                progress = true;
+            }
+
+            progress |= self.poll_flush(cx);
+
+            while !self.pending.is_empty() && budget > 0 {
+                match self.poll_service_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(())) => {
+                        let received = self.pending.pop_front().expect("pending is not empty");
+                        self.dispatch(received);
+                    }
+                    Poll::Ready(Err(error)) => {
+                        let error: BoxError = error.into();
+                        let received = self.pending.pop_front().expect("pending is not empty");
+                        tracing::debug!(
+                            target: CONNECTION,
+                            peer = %received.peer,
+                            error = %error,
+                            "service not ready; datagram dropped"
+                        );
+                        self.count(received.peer, Outcome::HandlerError);
+                    }
+                }
+                budget -= 1;
+                progress = true;
+            }
+
+            if reading && self.pending.is_empty() && budget > 0 {
+                progress |= self.poll_receive(cx, &mut budget);
+            }
+
+            if !reading && self.occupancy() == 0 {
+                return Poll::Ready(());
+            }
+            if budget == 0 {
+                // Let other tasks run; come back straight away.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn poll_service_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
+        if self.ready {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.service.poll_ready(cx))?;
+        self.ready = true;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads a batch once the service is ready and there is room in flight.
+    /// Returns whether anything happened.
+    fn poll_receive(&mut self, cx: &mut Context<'_>, budget: &mut usize) -> bool {
+        let room = self.settings.max_in_flight.saturating_sub(self.occupancy());
+        if room == 0 {
+            if !self.paused {
+                self.paused = true;
+                self.counters().read_paused();
+                tracing::trace!(target: LISTENER, listener = self.settings.index, "listener waiting: in-flight limit reached");
+            }
+            return false;
+        }
+        self.paused = false;
+        // Backpressure: a service that is not ready leaves datagrams in the
+        // kernel. A failing one gets the datagram anyway, which is then
+        // dropped and counted in the dispatch loop.
+        if self.poll_service_ready(cx).is_pending() {
+            return false;
+        }
+
+        let slot = self.settings.max_datagram_size;
+        let want = room.min(self.batch).min(*budget);
+        let mut bufs: [IoSliceMut<'_>; MAX_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+        for (buf, chunk) in bufs
+            .iter_mut()
+            .zip(self.scratch.chunks_mut(slot))
+            .take(want)
+        {
+            *buf = IoSliceMut::new(chunk);
+        }
+        let polled = self
+            .transport
+            .poll_recv(cx, &mut bufs[..want], &mut self.metas[..want]);
+        match polled {
+            Poll::Pending => false,
+            Poll::Ready(Ok(n)) => {
+                *budget = budget.saturating_sub(n.max(1));
+                self.accept(n);
+                true
+            }
+            Poll::Ready(Err(error)) => {
+                *budget = budget.saturating_sub(1);
+                self.counters().receive_error();
+                if let Some(suppressed) = self.recv_log.allow() {
+                    tracing::warn!(
+                        target: LISTENER,
+                        listener = self.settings.index,
+                        error = %error,
+                        suppressed,
+                        "recv_error"
+                    );
+                }
+                true
+            }
+        }
+    }
+
+    /// Takes `n` received datagrams from the scratch space.
+    fn accept(&mut self, n: usize) {
+        let at = Instant::now();
+        let slot = self.settings.max_datagram_size;
+        let counters = &self.counters[self.settings.index];
+        counters.received(n as u64);
+        if let Some(drops) = self.transport.kernel_drops() {
+            counters.set_kernel_drops(self.kernel_drops_base + drops);
+        }
+        for i in 0..n {
+            let meta = self.metas[i];
+            if meta.truncated {
+                tracing::debug!(target: CONNECTION, peer = %meta.peer, len = meta.len, limit = slot, "datagram truncated; dropped");
+                counters.finished(Outcome::Truncated, 1);
+                continue;
+            }
+            let data = &self.scratch[i * slot..i * slot + meta.len];
+            if self.arena.capacity() < data.len() {
+                self.arena.reserve(ARENA_BYTES.max(data.len()));
+            }
+            self.arena.extend_from_slice(data);
+            let payload = self.arena.split().freeze();
+            tracing::trace!(target: CONNECTION, peer = %meta.peer, len = meta.len, "recv");
+            self.pending.push_back(Received {
+                peer: meta.peer,
+                dst_ip: meta.dst_ip,
+                payload,
+                at,
+            });
+        }
+    }
+
+    fn dispatch(&mut self, received: Received) {
+        self.ready = false;
+        let local = SocketAddr::new(
+            received.dst_ip.unwrap_or(self.local.ip()),
+            self.local.port(),
+        );
+        let request = Request::received(
+            received.peer,
+            local,
+            received.payload,
+            received.at,
+            SendHandle::new(&self.transport),
+        );
+        let service = &mut self.service;
+        match catch_unwind(AssertUnwindSafe(|| service.call(request))) {
+            Ok(future) => self.in_flight.push(InFlight {
+                future,
+                peer: received.peer,
+                dst_ip: received.dst_ip,
+            }),
+            Err(panic) => self.panicked(received.peer, &panic_message(&*panic)),
+        }
+    }
+
+    fn finish(&mut self, done: Done) {
+        match done.finished {
+            Finished::Reply(Some(payload)) => {
+                if answerable(done.peer) {
+                    self.outbox.push_back(Outgoing {
+                        destination: done.peer,
+                        src_ip: done.dst_ip,
+                        payload,
+                    });
+                } else {
+                    self.count(done.peer, Outcome::RefusedDestination);
+                }
+            }
+            Finished::Reply(None) => self.count(done.peer, Outcome::NoReply),
+            Finished::Failed(error) => match drop_reason(&*error) {
+                Some(reason) => self.count(done.peer, Outcome::Layer(reason)),
+                None => {
+                    tracing::debug!(target: CONNECTION, peer = %done.peer, error = %error, "handler error; datagram dropped");
+                    self.counters().finished(Outcome::HandlerError, 1);
+                }
+            },
+            Finished::Panicked(message) => self.panicked(done.peer, &message),
+        }
+    }
+
+    fn panicked(&mut self, peer: SocketAddr, message: &str) {
+        self.counters().finished(Outcome::Panicked, 1);
+        if let Some(suppressed) = self.panic_log.allow() {
+            tracing::error!(target: CONNECTION, peer = %peer, panic = message, suppressed, "handler panicked; datagram dropped");
+        }
+    }
+
+    fn count(&self, peer: SocketAddr, outcome: Outcome) {
+        tracing::trace!(target: CONNECTION, peer = %peer, outcome = outcome.as_str(), "stop");
+        self.counters().finished(outcome, 1);
+    }
+
+    /// Sends queued replies until the socket pushes back. Returns whether
+    /// anything was sent or dropped.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        while !self.outbox.is_empty() {
+            let n = self.outbox.len().min(self.max_transmit);
+            let unused = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+            let transmits: [Transmit<'_>; MAX_BATCH] =
+                std::array::from_fn(|i| match self.outbox.get(i) {
+                    Some(out) if i < n => {
+                        Transmit::new(out.destination, &out.payload).with_src_ip(out.src_ip)
+                    }
+                    _ => Transmit::new(unused, &[]),
+                });
+            let polled = self.transport.poll_send(cx, &transmits[..n]);
+            match polled {
+                Poll::Pending => break,
+                Poll::Ready(Ok(sent)) if sent > 0 => {
+                    for out in self.outbox.drain(..sent.min(n)) {
+                        tracing::trace!(target: CONNECTION, peer = %out.destination, len = out.payload.len(), "send");
+                    }
+                    self.counters()
+                        .finished(Outcome::Replied, sent.min(n) as u64);
+                }
+                Poll::Ready(result) => {
+                    let out = self.outbox.pop_front().expect("outbox is not empty");
+                    self.counters().finished(Outcome::SendFailed, 1);
+                    if let Some(suppressed) = self.send_log.allow() {
+                        let error = match result {
+                            Err(error) => error.to_string(),
+                            Ok(_) => "nothing sent".to_owned(),
+                        };
+                        tracing::warn!(
+                            target: CONNECTION,
+                            peer = %out.destination,
+                            error,
+                            suppressed,
+                            "send failed; reply dropped"
+                        );
+                    }
+                }
+            }
+            progress = true;
+        }
+        progress
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_refused_to_sources_that_cannot_be_answered() {
+        let cases = [
+            ("127.0.0.1:53", true),
+            ("[::1]:53", true),
+            ("127.0.0.1:0", false),
+            ("0.0.0.0:68", false),
+            ("255.255.255.255:68", false),
+            ("224.0.0.251:5353", false),
+            ("[::]:53", false),
+            ("[ff02::fb]:5353", false),
+            ("[::ffff:255.255.255.255]:53", false),
+            ("[::ffff:192.0.2.1]:53", true),
+        ];
+        for (addr, expected) in cases {
+            assert_eq!(answerable(addr.parse().unwrap()), expected, "{addr}");
+        }
+    }
+
+    #[test]
+    fn the_log_gate_lets_one_warning_through_per_second() {
+        let mut gate = LogGate::default();
+        assert_eq!(gate.allow(), Some(0));
+        assert_eq!(gate.allow(), None);
+        assert_eq!(gate.allow(), None);
+        gate.next = Some(Instant::now() - Duration::from_millis(1));
+        assert_eq!(gate.allow(), Some(2));
+    }
+}

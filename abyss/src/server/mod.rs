@@ -1,0 +1,303 @@
+//! The server: builder, listener pool and handle.
+
+mod handle;
+mod listener;
+mod stats;
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::{BoxError, Service};
+
+pub use handle::{DrainReport, ServerHandle};
+pub use stats::{Drops, Stats};
+
+use crate::transport::{Bind, Transport, UdpOptions};
+use crate::{Error, IntoReply, Request};
+
+/// The original's default port.
+pub const DEFAULT_PORT: u16 = 4000;
+/// The original's `num_connections` default.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16_384;
+/// The original's `shutdown_timeout` default.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
+/// The largest UDP payload: every datagram fits.
+pub const DEFAULT_MAX_DATAGRAM_SIZE: usize = 65_535;
+
+/// Entry point: [`Server::builder`] (or [`Server::bind`]) configures a
+/// server, [`Builder::serve`] starts it.
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+/// use abyss::{Request, Server};
+/// use bytes::Bytes;
+/// use tower::service_fn;
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let handle = Server::bind("127.0.0.1:0".parse()?)
+///     .listeners(2)
+///     .serve(service_fn(|request: Request| async move {
+///         Ok::<_, Infallible>(Some(request.into_payload()))
+///     }))
+///     .await?;
+///
+/// let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+/// client.send_to(b"hello", handle.local_addr()).await?;
+/// let mut buf = [0u8; 64];
+/// let (n, _) = client.recv_from(&mut buf).await?;
+/// assert_eq!(&buf[..n], b"hello");
+///
+/// let report = handle.shutdown().await;
+/// assert_eq!(report.aborted, 0);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Server {
+    _private: (),
+}
+
+impl Server {
+    /// A builder with the defaults: `0.0.0.0:4000`, one listener per
+    /// available core, 16 384 requests in flight, a 15 s shutdown timeout,
+    /// 65 535-byte datagrams, UDP with [`UdpOptions::new`].
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// A builder serving on `addr`.
+    pub fn bind(addr: SocketAddr) -> Builder {
+        Builder::new().bind(addr)
+    }
+}
+
+/// Configures a server; see [`Server`].
+///
+/// Options are checked by [`build`](Builder::build) (and so by
+/// [`serve`](Builder::serve)), which fails with [`Error::Config`] or
+/// [`Error::Options`] naming the option.
+#[derive(Clone)]
+#[must_use = "a builder does nothing until `serve` is called"]
+pub struct Builder {
+    addr: SocketAddr,
+    listeners: Option<usize>,
+    max_in_flight: usize,
+    shutdown_timeout: Duration,
+    max_datagram_size: usize,
+    udp: UdpOptions,
+    transport: Option<Arc<dyn Bind>>,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("addr", &self.addr)
+            .field("listeners", &self.listeners)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("max_datagram_size", &self.max_datagram_size)
+            .field("udp", &self.udp)
+            .field("transport", &self.transport)
+            .finish()
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Builder {
+    /// The defaults; see [`Server::builder`].
+    pub fn new() -> Self {
+        Self {
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT),
+            listeners: None,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            max_datagram_size: DEFAULT_MAX_DATAGRAM_SIZE,
+            udp: UdpOptions::new(),
+            transport: None,
+        }
+    }
+
+    /// The address and port to serve on.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// The address to serve on, keeping the port (default `0.0.0.0`). Use
+    /// `::` with [`UdpOptions::only_v6`]`(false)` for dual-stack.
+    pub fn address(mut self, ip: IpAddr) -> Self {
+        self.addr.set_ip(ip);
+        self
+    }
+
+    /// The port to serve on (default 4000, the original's). 0 picks a free
+    /// port, shared by every listener; [`ServerHandle::local_addr`] tells
+    /// which.
+    pub fn port(mut self, port: u16) -> Self {
+        self.addr.set_port(port);
+        self
+    }
+
+    /// Listener tasks, each with its own `SO_REUSEPORT` socket on the same
+    /// port so the kernel spreads peers across them (the original's
+    /// `num_listeners`/`num_acceptors`). Default: the available parallelism.
+    pub fn listeners(mut self, listeners: usize) -> Self {
+        self.listeners = Some(listeners);
+        self
+    }
+
+    /// Requests in flight at most, across all listeners (the original's
+    /// `num_connections`; default 16 384). Each listener gets an equal share;
+    /// a listener at its share stops reading until one finishes, so what
+    /// arrives meanwhile waits in (or, once full, is dropped by) the kernel's
+    /// socket buffer, counted in [`Stats::reads_paused`] and
+    /// [`Stats::kernel_drops`]. Must be at least the number of listeners.
+    pub fn max_in_flight(mut self, requests: usize) -> Self {
+        self.max_in_flight = requests;
+        self
+    }
+
+    /// How long [`ServerHandle::shutdown`] and [`ServerHandle::suspend`] wait
+    /// for requests in flight before aborting them (default 15 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The receive buffer per datagram, 1 to 65 535 bytes (default 65 535).
+    /// A longer datagram is cut short by the kernel: it is dropped and
+    /// counted as [`Drops::truncated`], never handed to the service.
+    pub fn max_datagram_size(mut self, bytes: usize) -> Self {
+        self.max_datagram_size = bytes;
+        self
+    }
+
+    /// UDP socket options (the original's `transport_options`).
+    pub fn udp_options(mut self, options: UdpOptions) -> Self {
+        self.udp = options;
+        self
+    }
+
+    /// Serves on a custom transport instead of UDP sockets; the UDP options
+    /// are then ignored.
+    pub fn transport(mut self, bind: impl Bind) -> Self {
+        self.transport = Some(Arc::new(bind));
+        self
+    }
+
+    /// Checks the configuration.
+    pub fn build(self) -> Result<Server, Error> {
+        self.validate().map(|_| Server { _private: () })
+    }
+
+    fn validate(&self) -> Result<Config, Error> {
+        let listeners = self
+            .listeners
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if listeners == 0 {
+            return Err(Error::config("listeners", "must be at least 1"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::config("max_in_flight", "must be at least 1"));
+        }
+        if self.max_in_flight < listeners {
+            return Err(Error::config(
+                "max_in_flight",
+                format!(
+                    "{} is fewer than the {listeners} listeners; each listener needs at least one",
+                    self.max_in_flight
+                ),
+            ));
+        }
+        if !(1..=65_535).contains(&self.max_datagram_size) {
+            return Err(Error::config(
+                "max_datagram_size",
+                format!("{} is not between 1 and 65535", self.max_datagram_size),
+            ));
+        }
+        let bind: Arc<dyn Bind> = match &self.transport {
+            Some(bind) => bind.clone(),
+            None => {
+                self.udp.validate()?;
+                if listeners > 1 && !self.udp.reuses_port() {
+                    return Err(Error::config(
+                        "listeners",
+                        format!("{listeners} listeners need UdpOptions::reuse_port(true)"),
+                    ));
+                }
+                Arc::new(self.udp.clone())
+            }
+        };
+        Ok(Config {
+            addr: self.addr,
+            listeners,
+            max_in_flight: self.max_in_flight,
+            shutdown_timeout: self.shutdown_timeout,
+            max_datagram_size: self.max_datagram_size,
+            bind,
+        })
+    }
+
+    /// Checks the configuration, opens the sockets and starts serving
+    /// `service` on the current tokio runtime.
+    ///
+    /// The service is cloned once per listener. Its response is anything
+    /// that is [`IntoReply`] (canonically `Option<Bytes>`), sent back to the
+    /// peer from the socket the request came in on; its error is logged,
+    /// counted and the datagram dropped. Errors that are drop decisions of a
+    /// layer ([`middleware::Dropped`](crate::middleware::Dropped), tower's
+    /// `Elapsed` and `Overloaded`) are counted under their reason instead.
+    ///
+    /// The server runs until [`ServerHandle::shutdown`]; dropping the handle
+    /// does not stop it.
+    pub async fn serve<S>(self, service: S) -> Result<ServerHandle, Error>
+    where
+        S: Service<Request> + Clone + Send + 'static,
+        S::Response: IntoReply + Send + 'static,
+        S::Error: Into<BoxError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let config = self.validate()?;
+        // The Mutex makes the prototype shareable (Sync) without asking the
+        // service to be; it is locked only to clone it when listeners start.
+        let prototype = std::sync::Mutex::new(service);
+        let spawn: handle::Spawn = Arc::new(
+            move |transport: Arc<dyn Transport>, control, counters, settings| {
+                let service = prototype.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let listener =
+                    listener::Listener::new(transport, service, control, counters, settings)?;
+                Ok(tokio::spawn(listener.run()))
+            },
+        );
+        ServerHandle::start(config, spawn)
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) addr: SocketAddr,
+    pub(crate) listeners: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) max_datagram_size: usize,
+    pub(crate) bind: Arc<dyn Bind>,
+}
+
+impl Config {
+    /// Listener `index`'s share of `max_in_flight`.
+    pub(crate) fn share(&self, index: usize) -> usize {
+        let base = self.max_in_flight / self.listeners;
+        base + usize::from(index < self.max_in_flight % self.listeners)
+    }
+}

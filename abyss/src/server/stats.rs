@@ -1,0 +1,232 @@
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::middleware::DropReason;
+
+/// A snapshot of a server's counters, from [`ServerHandle::stats`](crate::ServerHandle::stats).
+///
+/// Every datagram a listener took from its socket is counted in `received`
+/// and ends in exactly one of `replied`, `no_reply` or one reason of
+/// `dropped`, or is still `in_flight`:
+///
+/// `received == replied + no_reply + dropped.total() + in_flight`
+///
+/// Counters survive suspend/resume and only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Datagrams taken from the sockets.
+    pub received: u64,
+    /// Replies sent to peers.
+    pub replied: u64,
+    /// Datagrams the service handled and chose not to answer.
+    pub no_reply: u64,
+    /// Datagrams dropped, by reason.
+    pub dropped: Drops,
+    /// Datagrams received and not yet finished: waiting for the service,
+    /// being handled, or with a reply waiting for the socket.
+    pub in_flight: u64,
+    /// Receive calls that failed (ICMP errors, `ENOBUFS`, ...); the listener
+    /// goes on after each.
+    pub receive_errors: u64,
+    /// Times a listener stopped reading because it had its share of
+    /// `max_in_flight` requests in flight; the kernel buffer holds (or drops,
+    /// see `kernel_drops`) what arrives meanwhile.
+    pub reads_paused: u64,
+    /// Datagrams the kernel dropped because a socket's receive queue was
+    /// full, where the system reports it (Linux); `None` elsewhere.
+    pub kernel_drops: Option<u64>,
+}
+
+/// Dropped datagrams by reason; see [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Drops {
+    /// Longer than `max_datagram_size`: cut short by the kernel, never handed
+    /// to the service.
+    pub truncated: u64,
+    /// The service returned an error (or its `poll_ready` failed).
+    pub handler_error: u64,
+    /// The service panicked.
+    pub panicked: u64,
+    /// A reply to a source that cannot be answered: port 0, an unspecified,
+    /// broadcast or multicast address.
+    pub refused_destination: u64,
+    /// The reply could not be sent (`ENOBUFS`, `EPERM`, unreachable).
+    pub send_failed: u64,
+    /// Still in flight when a shutdown or suspend deadline passed.
+    pub aborted: u64,
+    /// Over the size limit (size-limit layer).
+    pub too_large: u64,
+    /// Over the per-peer rate limit (rate-limit layer).
+    pub rate_limited: u64,
+    /// Handling timed out (timeout layer).
+    pub timed_out: u64,
+    /// Refused at the concurrency limit (concurrency-limit or load-shed layer).
+    pub overloaded: u64,
+    /// Refused by a policy layer.
+    pub denied: u64,
+}
+
+impl Drops {
+    /// All dropped datagrams.
+    pub fn total(&self) -> u64 {
+        self.truncated
+            + self.handler_error
+            + self.panicked
+            + self.refused_destination
+            + self.send_failed
+            + self.aborted
+            + self.too_large
+            + self.rate_limited
+            + self.timed_out
+            + self.overloaded
+            + self.denied
+    }
+}
+
+/// Why a datagram did not get a reply, as counted by the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Replied,
+    NoReply,
+    Truncated,
+    HandlerError,
+    Panicked,
+    RefusedDestination,
+    SendFailed,
+    Aborted,
+    Layer(DropReason),
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Replied => "replied",
+            Outcome::NoReply => "no_reply",
+            Outcome::Truncated => "truncated",
+            Outcome::HandlerError => "handler_error",
+            Outcome::Panicked => "panicked",
+            Outcome::RefusedDestination => "refused_destination",
+            Outcome::SendFailed => "send_failed",
+            Outcome::Aborted => "aborted",
+            Outcome::Layer(reason) => reason.as_str(),
+        }
+    }
+}
+
+/// One listener's counters, on their own cache lines so listeners on
+/// different cores do not contend.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Counters {
+    received: AtomicU64,
+    replied: AtomicU64,
+    no_reply: AtomicU64,
+    truncated: AtomicU64,
+    handler_error: AtomicU64,
+    panicked: AtomicU64,
+    refused_destination: AtomicU64,
+    send_failed: AtomicU64,
+    aborted: AtomicU64,
+    too_large: AtomicU64,
+    rate_limited: AtomicU64,
+    timed_out: AtomicU64,
+    overloaded: AtomicU64,
+    denied: AtomicU64,
+    receive_errors: AtomicU64,
+    reads_paused: AtomicU64,
+    kernel_drops: AtomicU64,
+    kernel_drops_known: AtomicBool,
+}
+
+impl Counters {
+    pub(crate) fn received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` datagrams as finished with `outcome`. Release pairs with the
+    /// Acquire in [`Counters::add_to`] so a snapshot never sees an outcome
+    /// without the receive that preceded it.
+    pub(crate) fn finished(&self, outcome: Outcome, n: u64) {
+        let counter = match outcome {
+            Outcome::Replied => &self.replied,
+            Outcome::NoReply => &self.no_reply,
+            Outcome::Truncated => &self.truncated,
+            Outcome::HandlerError => &self.handler_error,
+            Outcome::Panicked => &self.panicked,
+            Outcome::RefusedDestination => &self.refused_destination,
+            Outcome::SendFailed => &self.send_failed,
+            Outcome::Aborted => &self.aborted,
+            Outcome::Layer(DropReason::TooLarge) => &self.too_large,
+            Outcome::Layer(DropReason::RateLimited) => &self.rate_limited,
+            Outcome::Layer(DropReason::TimedOut) => &self.timed_out,
+            Outcome::Layer(DropReason::Overloaded) => &self.overloaded,
+            Outcome::Layer(DropReason::Denied) => &self.denied,
+            // DropReason is non_exhaustive: a reason this driver does not
+            // know yet still counts as a policy drop.
+            Outcome::Layer(_) => &self.denied,
+        };
+        counter.fetch_add(n, Ordering::Release);
+    }
+
+    pub(crate) fn receive_error(&self) {
+        self.receive_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn read_paused(&self) {
+        self.reads_paused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn kernel_drops(&self) -> u64 {
+        self.kernel_drops.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_kernel_drops(&self, total: u64) {
+        self.kernel_drops.store(total, Ordering::Relaxed);
+        self.kernel_drops_known.store(true, Ordering::Relaxed);
+    }
+
+    /// Adds this listener's counters to `stats`.
+    pub(crate) fn add_to(&self, stats: &mut Stats) {
+        let load = |c: &AtomicU64| c.load(Ordering::Acquire);
+        let d = &mut stats.dropped;
+        let replied = load(&self.replied);
+        let no_reply = load(&self.no_reply);
+        let drops = Drops {
+            truncated: load(&self.truncated),
+            handler_error: load(&self.handler_error),
+            panicked: load(&self.panicked),
+            refused_destination: load(&self.refused_destination),
+            send_failed: load(&self.send_failed),
+            aborted: load(&self.aborted),
+            too_large: load(&self.too_large),
+            rate_limited: load(&self.rate_limited),
+            timed_out: load(&self.timed_out),
+            overloaded: load(&self.overloaded),
+            denied: load(&self.denied),
+        };
+        // Loaded after every outcome, so it is never smaller than their sum.
+        let received = load(&self.received);
+        let finished = replied + no_reply + drops.total();
+        stats.received += received;
+        stats.replied += replied;
+        stats.no_reply += no_reply;
+        stats.in_flight += received.saturating_sub(finished);
+        d.truncated += drops.truncated;
+        d.handler_error += drops.handler_error;
+        d.panicked += drops.panicked;
+        d.refused_destination += drops.refused_destination;
+        d.send_failed += drops.send_failed;
+        d.aborted += drops.aborted;
+        d.too_large += drops.too_large;
+        d.rate_limited += drops.rate_limited;
+        d.timed_out += drops.timed_out;
+        d.overloaded += drops.overloaded;
+        d.denied += drops.denied;
+        stats.receive_errors += self.receive_errors.load(Ordering::Relaxed);
+        stats.reads_paused += self.reads_paused.load(Ordering::Relaxed);
+        if self.kernel_drops_known.load(Ordering::Relaxed) {
+            *stats.kernel_drops.get_or_insert(0) += self.kernel_drops.load(Ordering::Relaxed);
+        }
+    }
+}
