@@ -1,0 +1,70 @@
+//! UDP echo server: every datagram is sent back to its sender.
+//!
+//! ```text
+//! cargo run --release --example echo            # serves on 127.0.0.1:4000
+//! echo hi | nc -u -w1 127.0.0.1 4000            # prints "hi"
+//! ```
+//!
+//! Prints `listening on ADDR` on stdout once it answers; on Ctrl-C or SIGTERM
+//! it shuts down gracefully and prints the final counters on one line.
+//! `RUST_LOG=abyss=trace` shows every datagram.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use abyss::{Request, Server};
+use clap::Parser;
+use tower::service_fn;
+
+/// UDP echo server built on Abyss.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Port to serve on (0 picks a free one).
+    #[arg(long, default_value_t = 4000)]
+    port: u16,
+    /// Listener sockets sharing the port (default: one per core).
+    #[arg(long)]
+    listeners: Option<usize>,
+    /// Requests in flight at most, across listeners.
+    #[arg(long, default_value_t = abyss::DEFAULT_MAX_IN_FLIGHT)]
+    max_in_flight: usize,
+    /// Seconds to finish requests in flight on shutdown.
+    #[arg(long, default_value_t = 15)]
+    shutdown_timeout: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    abyss_examples::init_tracing();
+    let args = Args::parse();
+
+    let mut builder = Server::builder()
+        .address(args.bind)
+        .port(args.port)
+        .max_in_flight(args.max_in_flight)
+        .shutdown_timeout(Duration::from_secs(args.shutdown_timeout));
+    if let Some(listeners) = args.listeners {
+        builder = builder.listeners(listeners);
+    }
+    let echo =
+        service_fn(
+            |request: Request| async move { Ok::<_, Infallible>(Some(request.into_payload())) },
+        );
+    let handle = builder.serve(echo).await?;
+    println!("listening on {}", handle.local_addr());
+
+    abyss_examples::shutdown_signal().await;
+    let report = handle.shutdown().await;
+    println!(
+        "{} drained={} aborted={}",
+        abyss_examples::stats_line(&handle.stats()),
+        report.drained,
+        report.aborted
+    );
+    Ok(())
+}

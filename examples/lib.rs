@@ -1,0 +1,89 @@
+//! Helpers shared by the example programs: logging set-up from `RUST_LOG`,
+//! the shutdown signal, and the one-line stats summary.
+
+use std::fmt::Write as _;
+
+use abyss::Stats;
+
+/// Sends logs to stderr, filtered by `RUST_LOG` (default: `info`), so stdout
+/// stays for the program's own output.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on Ctrl-C (SIGINT) or, on unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// The server's counters on one line, every drop reason by name.
+///
+/// ```
+/// let line = abyss_examples::stats_line(&abyss::Stats::default());
+/// assert!(line.starts_with("received=0 replied=0"));
+/// ```
+pub fn stats_line(stats: &Stats) -> String {
+    let d = &stats.dropped;
+    let mut line = format!(
+        "received={} replied={} no_reply={} in_flight={} dropped={}",
+        stats.received,
+        stats.replied,
+        stats.no_reply,
+        stats.in_flight,
+        d.total()
+    );
+    let reasons = [
+        ("truncated", d.truncated),
+        ("too_large", d.too_large),
+        ("rate_limited", d.rate_limited),
+        ("timed_out", d.timed_out),
+        ("overloaded", d.overloaded),
+        ("denied", d.denied),
+        ("handler_error", d.handler_error),
+        ("panicked", d.panicked),
+        ("refused_destination", d.refused_destination),
+        ("send_failed", d.send_failed),
+        ("aborted", d.aborted),
+    ];
+    for (name, count) in reasons {
+        let _ = write!(line, " {name}={count}");
+    }
+    let _ = write!(
+        line,
+        " receive_errors={} reads_paused={} kernel_drops={}",
+        stats.receive_errors,
+        stats.reads_paused,
+        stats
+            .kernel_drops
+            .map_or_else(|| "n/a".to_owned(), |n| n.to_string())
+    );
+    line
+}

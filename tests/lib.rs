@@ -1,0 +1,92 @@
+//! Helpers shared by the end-to-end tests: clients on loopback, an echo
+//! service, and bounded waits on a server's counters.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use abyss::{Request, ServerHandle, Stats};
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+
+/// How long any single wait in a test may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A service that answers every datagram with its own payload.
+pub fn echo() -> impl tower::Service<
+    Request,
+    Response = Option<Bytes>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Option<Bytes>, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(|request: Request| async move { Ok(Some(request.into_payload())) })
+}
+
+/// A UDP socket on an ephemeral port of `ip`.
+pub async fn client_on(ip: &str) -> UdpSocket {
+    UdpSocket::bind((ip, 0))
+        .await
+        .unwrap_or_else(|e| panic!("bind a client on {ip}: {e}"))
+}
+
+/// A UDP socket on an ephemeral port of 127.0.0.1.
+pub async fn client() -> UdpSocket {
+    client_on("127.0.0.1").await
+}
+
+/// Receives one datagram, or `None` after `wait`.
+pub async fn recv_within(socket: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = vec![0u8; 65_536];
+    match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
+        Ok(Ok((n, from))) => {
+            buf.truncate(n);
+            Some((buf, from))
+        }
+        Ok(Err(e)) => panic!("recv_from failed: {e}"),
+        Err(_) => None,
+    }
+}
+
+/// Sends `payload` to `server` and returns the reply, failing the test if
+/// none comes within [`PATIENCE`].
+pub async fn ask(socket: &UdpSocket, server: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    socket.send_to(payload, server).await.expect("send_to");
+    recv_within(socket, PATIENCE)
+        .await
+        .unwrap_or_else(|| panic!("no reply from {server} within {PATIENCE:?}"))
+        .0
+}
+
+/// Waits until the server's counters satisfy `done`, checking every 2 ms for
+/// at most [`PATIENCE`]; fails the test with `what` and the last snapshot.
+pub async fn wait_for_stats(
+    handle: &ServerHandle,
+    what: &str,
+    done: impl Fn(&Stats) -> bool,
+) -> Stats {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let stats = handle.stats();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last stats: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Checks that every received datagram is accounted for.
+#[track_caller]
+pub fn assert_accounted(stats: &Stats) {
+    assert_eq!(
+        stats.received,
+        stats.replied + stats.no_reply + stats.dropped.total() + stats.in_flight,
+        "received must equal replied + no_reply + dropped + in_flight: {stats:?}"
+    );
+}

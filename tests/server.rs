@@ -1,0 +1,557 @@
+//! End-to-end tests of the server on loopback sockets.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use abyss::transport::{MulticastV4, UdpOptions};
+use abyss::{Request, Server};
+use abyss_tests::{
+    PATIENCE, ask, assert_accounted, client, client_on, echo, recv_within, wait_for_stats,
+};
+use bytes::Bytes;
+use tokio::sync::{Semaphore, mpsc};
+use tower::service_fn;
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_peers_at_once_get_byte_identical_replies() {
+    let handle = Server::bind(loopback())
+        .listeners(2)
+        .serve(echo())
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+
+    let mut peers = tokio::task::JoinSet::new();
+    for peer in 0..50u32 {
+        peers.spawn(async move {
+            let socket = client().await;
+            // Distinct, binary payloads of distinct lengths, with every byte value.
+            let payload: Vec<u8> = (0..(100 + peer * 7))
+                .map(|i| (i * 31 + peer) as u8)
+                .collect();
+            let reply = ask(&socket, server, &payload).await;
+            assert_eq!(reply, payload, "peer {peer} got different bytes back");
+        });
+    }
+    while let Some(result) = peers.join_next().await {
+        result.expect("peer task");
+    }
+
+    let stats = wait_for_stats(&handle, "50 replies counted", |s| s.replied == 50).await;
+    assert_eq!(stats.received, 50);
+    assert_eq!(stats.dropped.total(), 0);
+    assert_accounted(&stats);
+    let report = handle.shutdown().await;
+    assert_eq!(report.aborted, 0);
+}
+
+#[tokio::test]
+async fn ipv6_loopback_is_served() {
+    let Ok(probe) = std::net::UdpSocket::bind("[::1]:0") else {
+        eprintln!("skipped: this machine has no IPv6 loopback (::1)");
+        return;
+    };
+    drop(probe);
+    let handle = Server::bind("[::1]:0".parse().unwrap())
+        .listeners(1)
+        .serve(echo())
+        .await
+        .unwrap();
+    assert!(handle.local_addr().is_ipv6());
+    let socket = client_on("::1").await;
+    assert_eq!(
+        ask(&socket, handle.local_addr(), b"over six").await,
+        b"over six"
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dual_stack_server_answers_ipv4_and_ipv6_peers() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback (::1)");
+        return;
+    }
+    let handle = Server::bind("[::]:0".parse().unwrap())
+        .listeners(1)
+        .udp_options(UdpOptions::new().only_v6(false))
+        .serve(echo())
+        .await
+        .unwrap();
+    let port = handle.local_addr().port();
+    let v4 = client().await;
+    assert_eq!(
+        ask(&v4, (Ipv4Addr::LOCALHOST, port).into(), b"v4").await,
+        b"v4"
+    );
+    let v6 = client_on("::1").await;
+    assert_eq!(
+        ask(&v6, format!("[::1]:{port}").parse().unwrap(), b"v6").await,
+        b"v6"
+    );
+    handle.shutdown().await;
+}
+
+/// Panics on "panic", fails on "error", echoes anything else.
+fn temperamental() -> impl tower::Service<
+    Request,
+    Response = Bytes,
+    Error = std::io::Error,
+    Future = impl Future<Output = Result<Bytes, std::io::Error>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(|request: Request| async move {
+        match request.payload().as_ref() {
+            b"panic" => panic!("the handler was asked to panic"),
+            b"error" => Err(std::io::Error::other("the handler was asked to fail")),
+            _ => Ok(request.into_payload()),
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_leaves_the_server_serving_and_is_counted() {
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .serve(temperamental())
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let socket = client().await;
+    for _ in 0..10 {
+        socket.send_to(b"panic", server).await.unwrap();
+    }
+    let stats = wait_for_stats(&handle, "10 panics", |s| s.dropped.panicked == 10).await;
+    assert_accounted(&stats);
+    assert_eq!(ask(&socket, server, b"still there?").await, b"still there?");
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.dropped.panicked, stats.replied, stats.received),
+        (10, 1, 11)
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erroring_handler_leaves_the_server_serving_and_is_counted() {
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .serve(temperamental())
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let socket = client().await;
+    for _ in 0..10 {
+        socket.send_to(b"error", server).await.unwrap();
+    }
+    let stats = wait_for_stats(&handle, "10 handler errors", |s| {
+        s.dropped.handler_error == 10
+    })
+    .await;
+    assert_accounted(&stats);
+    assert_eq!(ask(&socket, server, b"ok").await, b"ok");
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.dropped.handler_error, stats.replied, stats.received),
+        (10, 1, 11)
+    );
+    assert_eq!(stats.dropped.panicked, 0);
+    handle.shutdown().await;
+}
+
+/// A handler that reports each start on `started` and then sleeps `work`
+/// before echoing.
+fn slow(
+    work: Duration,
+    started: mpsc::UnboundedSender<()>,
+) -> impl tower::Service<
+    Request,
+    Response = Bytes,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Bytes, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |request: Request| {
+        let started = started.clone();
+        async move {
+            let _ = started.send(());
+            tokio::time::sleep(work).await;
+            Ok(request.into_payload())
+        }
+    })
+}
+
+async fn await_starts(started: &mut mpsc::UnboundedReceiver<()>, n: usize) {
+    for i in 0..n {
+        tokio::time::timeout(PATIENCE, started.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {i} of {n} requests reached the handler"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_answers_every_request_in_flight_within_the_timeout() {
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let handle = Server::bind(loopback())
+        .listeners(2)
+        .shutdown_timeout(PATIENCE)
+        .serve(slow(Duration::from_millis(300), started_tx))
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let mut sockets = Vec::new();
+    for i in 0..5u8 {
+        let socket = client().await;
+        socket.send_to(&[i; 8], server).await.unwrap();
+        sockets.push(socket);
+    }
+    await_starts(&mut started, 5).await;
+
+    let report = handle.shutdown().await;
+    assert_eq!(report.drained, 5);
+    assert_eq!(report.aborted, 0);
+    for (i, socket) in sockets.iter().enumerate() {
+        let (reply, _) = recv_within(socket, PATIENCE)
+            .await
+            .expect("reply after shutdown began");
+        assert_eq!(reply, vec![i as u8; 8]);
+    }
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.replied, stats.in_flight, stats.dropped.aborted),
+        (5, 0, 0)
+    );
+    assert_accounted(&stats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_aborts_and_reports_requests_that_outlive_the_timeout() {
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .shutdown_timeout(Duration::from_millis(100))
+        .serve(slow(Duration::from_secs(3600), started_tx))
+        .await
+        .unwrap();
+    let socket = client().await;
+    for i in 0..3u8 {
+        socket.send_to(&[i], handle.local_addr()).await.unwrap();
+    }
+    await_starts(&mut started, 3).await;
+
+    let report = handle.shutdown().await;
+    assert_eq!((report.drained, report.aborted), (0, 3));
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.dropped.aborted, stats.in_flight, stats.replied),
+        (3, 0, 0)
+    );
+    assert_accounted(&stats);
+}
+
+#[tokio::test]
+async fn suspend_closes_the_port_and_resume_answers_again_on_the_same_port() {
+    let handle = Server::bind(loopback())
+        .listeners(2)
+        .serve(echo())
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let socket = client().await;
+    socket.connect(server).await.unwrap();
+    socket.send(b"before").await.unwrap();
+    assert_eq!(recv_within(&socket, PATIENCE).await.unwrap().0, b"before");
+
+    let report = handle.suspend().await.unwrap();
+    assert_eq!(report.aborted, 0);
+    // Closed, not just ignoring: the kernel answers with port unreachable,
+    // which a connected socket sees as ECONNREFUSED.
+    socket.send(b"while suspended").await.unwrap();
+    let mut buf = [0u8; 64];
+    let refused = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
+        .await
+        .expect("an answer from the kernel");
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // And free: another socket can take it, even without SO_REUSEPORT.
+    let squatter = std::net::UdpSocket::bind(server).expect("the suspended port is free");
+    drop(squatter);
+
+    let resumed = handle.resume().await.unwrap();
+    assert_eq!(resumed, server);
+    socket.send(b"after").await.unwrap();
+    assert_eq!(recv_within(&socket, PATIENCE).await.unwrap().0, b"after");
+    assert!(
+        handle.resume().await.is_err(),
+        "resuming a running server is an error"
+    );
+    handle.shutdown().await;
+    assert!(
+        handle.suspend().await.is_err(),
+        "a shut-down server cannot be suspended"
+    );
+}
+
+#[tokio::test]
+async fn resume_with_port_zero_moves_to_a_new_port_when_the_old_one_was_taken() {
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .serve(echo())
+        .await
+        .unwrap();
+    let first = handle.local_addr();
+    handle.suspend().await.unwrap();
+    let squatter = std::net::UdpSocket::bind(first).unwrap();
+    let second = handle.resume().await.unwrap();
+    assert_ne!(second.port(), first.port());
+    assert_eq!(handle.local_addr(), second);
+    let socket = client().await;
+    assert_eq!(ask(&socket, second, b"moved").await, b"moved");
+    drop(squatter);
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_datagram_larger_than_the_receive_buffer_is_dropped_and_counted_as_truncated() {
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .max_datagram_size(512)
+        .serve(echo())
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let socket = client().await;
+    socket.send_to(&[7u8; 513], server).await.unwrap();
+    socket.send_to(&[9u8; 4000], server).await.unwrap();
+    wait_for_stats(&handle, "2 truncated datagrams", |s| {
+        s.dropped.truncated == 2
+    })
+    .await;
+    // The next reply is the exact-fit datagram's, not a cut-down copy of the
+    // ones before it.
+    assert_eq!(ask(&socket, server, &[1u8; 512]).await, vec![1u8; 512]);
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.received, stats.replied, stats.dropped.truncated),
+        (3, 1, 2)
+    );
+    assert_accounted(&stats);
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_server_on_the_wildcard_address_answers_from_the_address_it_was_asked_on() {
+    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+        .listeners(1)
+        .serve(service_fn(|request: Request| async move {
+            // Tell the peer which local address the request came to.
+            Ok::<_, Infallible>(request.local().to_string())
+        }))
+        .await
+        .unwrap();
+    let port = handle.local_addr().port();
+    let socket = client().await;
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let target: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        socket.send_to(b"who are you", target).await.unwrap();
+        let (reply, from) = recv_within(&socket, PATIENCE).await.expect("reply");
+        assert_eq!(from, target, "the reply must come from the address asked");
+        assert_eq!(String::from_utf8(reply).unwrap(), target.to_string());
+    }
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_handler_can_send_to_other_addresses_through_the_send_handle() {
+    let observer = client().await;
+    let observer_addr = observer.local_addr().unwrap();
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .serve(service_fn(move |request: Request| async move {
+            request
+                .sender()
+                .send_to(observer_addr, request.payload())
+                .await?;
+            Ok::<_, std::io::Error>(())
+        }))
+        .await
+        .unwrap();
+    let socket = client().await;
+    socket
+        .send_to(b"forward me", handle.local_addr())
+        .await
+        .unwrap();
+    let (copy, from) = recv_within(&observer, PATIENCE)
+        .await
+        .expect("forwarded copy");
+    assert_eq!(copy, b"forward me");
+    assert_eq!(
+        from,
+        handle.local_addr(),
+        "sent from the server's own socket"
+    );
+    let stats = wait_for_stats(&handle, "one datagram handled", |s| s.no_reply == 1).await;
+    assert_eq!(stats.replied, 0);
+    assert!(
+        recv_within(&socket, Duration::from_millis(50))
+            .await
+            .is_none()
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn listeners_on_port_zero_share_one_port() {
+    let handle = Server::bind(loopback())
+        .listeners(4)
+        .serve(echo())
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    // Many source ports, so the kernel spreads them over the four sockets.
+    for i in 0..32u8 {
+        let socket = client().await;
+        assert_eq!(ask(&socket, server, &[i]).await, vec![i]);
+    }
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn zero_listeners_is_a_configuration_error() {
+    let error = Server::bind(loopback())
+        .listeners(0)
+        .serve(echo())
+        .await
+        .unwrap_err();
+    assert_eq!(error.field(), Some("listeners"));
+    assert!(error.to_string().contains("listeners"), "{error}");
+}
+
+#[tokio::test]
+async fn fewer_requests_in_flight_than_listeners_is_a_configuration_error() {
+    let error = Server::bind(loopback())
+        .listeners(4)
+        .max_in_flight(3)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), Some("max_in_flight"));
+    let error = Server::bind(loopback())
+        .max_in_flight(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), Some("max_in_flight"));
+}
+
+#[tokio::test]
+async fn an_impossible_datagram_size_is_a_configuration_error() {
+    for size in [0, 65_536] {
+        let error = Server::bind(loopback())
+            .max_datagram_size(size)
+            .build()
+            .unwrap_err();
+        assert_eq!(error.field(), Some("max_datagram_size"), "size {size}");
+    }
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_a_bind_error() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let error = Server::bind(taken.local_addr().unwrap())
+        .listeners(1)
+        .serve(echo())
+        .await
+        .unwrap_err();
+    assert!(error.is_addr_in_use(), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .contains(&taken.local_addr().unwrap().to_string()),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_unicast_address_given_as_a_multicast_group_is_a_configuration_error() {
+    let options = UdpOptions::new().join_multicast_v4(MulticastV4::new(
+        Ipv4Addr::new(10, 1, 2, 3),
+        Ipv4Addr::UNSPECIFIED,
+    ));
+    let error = Server::bind(loopback())
+        .udp_options(options)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), Some("join_multicast_v4"));
+    assert!(error.to_string().contains("10.1.2.3"), "{error}");
+}
+
+#[tokio::test]
+async fn several_listeners_without_reuse_port_is_a_configuration_error() {
+    let error = Server::bind(loopback())
+        .listeners(2)
+        .udp_options(UdpOptions::new().reuse_port(false))
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), Some("listeners"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_service_leaves_datagrams_in_the_kernel_and_serves_them_later() {
+    // One request at a time, each waiting for a permit from the test.
+    let gate = Arc::new(Semaphore::new(0));
+    let service = tower::ServiceBuilder::new()
+        .concurrency_limit(1)
+        .service(service_fn({
+            let gate = gate.clone();
+            move |request: Request| {
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await.expect("gate open").forget();
+                    Ok::<_, Infallible>(request.into_payload())
+                }
+            }
+        }));
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .serve(service)
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let socket = client().await;
+    for i in 0..100u8 {
+        socket.send_to(&[i], server).await.unwrap();
+    }
+    wait_for_stats(&handle, "the first request", |s| s.received >= 1).await;
+    // The service is not ready, so the listener holds at most one batch
+    // (32 datagrams) beyond the request being handled; the rest waits in
+    // the kernel's socket buffer.
+    for _ in 0..50 {
+        let stats = handle.stats();
+        assert!(
+            stats.received <= 33,
+            "read past the backpressure: {stats:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(100);
+    let mut replies = 0;
+    while recv_within(&socket, PATIENCE).await.is_some() {
+        replies += 1;
+        if replies == 100 {
+            break;
+        }
+    }
+    assert_eq!(replies, 100);
+    let stats = handle.stats();
+    assert_eq!((stats.received, stats.replied), (100, 100));
+    handle.shutdown().await;
+}
