@@ -96,7 +96,8 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// Datagrams the operating system dropped on this endpoint because its
     /// receive queue was full, where the system reports it (Linux
-    /// `SO_RXQ_OVFL`); `None` where it does not.
+    /// `SO_RXQ_OVFL`, as stamped on the most recent datagram received);
+    /// `None` where it does not.
     fn kernel_drops(&self) -> Option<u64> {
         None
     }

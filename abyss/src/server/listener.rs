@@ -179,6 +179,15 @@ pub(crate) fn answerable(peer: SocketAddr) -> bool {
     }
 }
 
+/// The service's readiness for the next datagram.
+enum Readiness {
+    /// Not polled since the last call.
+    Unknown,
+    Ready,
+    /// `poll_ready` failed: the next datagram is dropped with this error.
+    Failed(BoxError),
+}
+
 pub(crate) struct Listener<S, F> {
     transport: Arc<dyn Transport>,
     local: SocketAddr,
@@ -186,8 +195,8 @@ pub(crate) struct Listener<S, F> {
     control: Arc<Control>,
     counters: Arc<[Counters]>,
     settings: Settings,
-    /// `poll_ready` said yes and `call` has not used it yet.
-    ready: bool,
+    /// What `poll_ready` said, until a datagram uses it.
+    readiness: Readiness,
     /// Reads are paused at the in-flight cap (counted once per pause).
     paused: bool,
     scratch: Vec<u8>,
@@ -233,7 +242,7 @@ where
             control,
             counters,
             settings,
-            ready: false,
+            readiness: Readiness::Unknown,
             paused: false,
             scratch: vec![0; batch * slot],
             metas: vec![RecvMeta::default(); batch],
@@ -325,15 +334,14 @@ where
             progress |= self.poll_flush(cx);
 
             while !self.pending.is_empty() && budget > 0 {
-                match self.poll_service_ready(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Ok(())) => {
-                        let received = self.pending.pop_front().expect("pending is not empty");
-                        self.dispatch(received);
-                    }
-                    Poll::Ready(Err(error)) => {
-                        let error: BoxError = error.into();
-                        let received = self.pending.pop_front().expect("pending is not empty");
+                if self.poll_service_ready(cx).is_pending() {
+                    break;
+                }
+                let received = self.pending.pop_front().expect("pending is not empty");
+                match std::mem::replace(&mut self.readiness, Readiness::Unknown) {
+                    Readiness::Ready => self.dispatch(received),
+                    Readiness::Unknown => unreachable!("poll_service_ready leaves a result"),
+                    Readiness::Failed(error) => {
                         tracing::debug!(
                             target: CONNECTION,
                             peer = %received.peer,
@@ -365,13 +373,17 @@ where
         }
     }
 
-    fn poll_service_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), E>> {
-        if self.ready {
-            return Poll::Ready(Ok(()));
+    /// Polls the service until it is ready or fails. Either result is kept
+    /// until the next datagram uses it: a readiness error drops exactly one
+    /// datagram.
+    fn poll_service_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if matches!(self.readiness, Readiness::Unknown) {
+            self.readiness = match ready!(self.service.poll_ready(cx)) {
+                Ok(()) => Readiness::Ready,
+                Err(error) => Readiness::Failed(error.into()),
+            };
         }
-        ready!(self.service.poll_ready(cx))?;
-        self.ready = true;
-        Poll::Ready(Ok(()))
+        Poll::Ready(())
     }
 
     /// Reads a batch once the service is ready and there is room in flight.
@@ -465,7 +477,6 @@ where
     }
 
     fn dispatch(&mut self, received: Received) {
-        self.ready = false;
         let local = SocketAddr::new(
             received.dst_ip.unwrap_or(self.local.ip()),
             self.local.port(),

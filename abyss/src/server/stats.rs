@@ -33,7 +33,10 @@ pub struct Stats {
     /// see `kernel_drops`) what arrives meanwhile.
     pub reads_paused: u64,
     /// Datagrams the kernel dropped because a socket's receive queue was
-    /// full, where the system reports it (Linux); `None` elsewhere.
+    /// full, where the system reports it (Linux `SO_RXQ_OVFL`); `None`
+    /// elsewhere, and until the first datagram arrives. The kernel stamps its
+    /// count on each datagram it queues, so drops show here once the next
+    /// datagram after them has been read.
     pub kernel_drops: Option<u64>,
 }
 

@@ -1,0 +1,517 @@
+//! The listener driver on the in-memory network, with tokio's clock paused:
+//! every step is deterministic and no test depends on wall-clock speed.
+
+use std::convert::Infallible;
+use std::future::poll_fn;
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use abyss::middleware::{DropReason, Dropped};
+use abyss::transport::{MemoryNetwork, MemoryTransport, RecvMeta, Transmit, Transport};
+use abyss::{BoxError, Request, Server, ServerHandle, Stats};
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use tower::{Service, service_fn};
+
+const SERVER: &str = "10.0.0.1:53";
+
+/// Lets every task run until all of them wait. With the clock paused, the
+/// runtime advances time only once nothing else can make progress, so when
+/// this returns the server has done all it can.
+async fn run_until_idle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+async fn send(endpoint: &MemoryTransport, to: SocketAddr, payload: &[u8]) {
+    let transmit = Transmit::new(to, payload);
+    poll_fn(|cx| endpoint.poll_send(cx, std::slice::from_ref(&transmit)))
+        .await
+        .unwrap();
+}
+
+/// Every datagram waiting for `endpoint`, without blocking.
+fn drain(endpoint: &MemoryTransport) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut out = Vec::new();
+    let waker = futures_noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        let mut buf = [0u8; 2048];
+        let mut meta = [RecvMeta::default()];
+        match endpoint.poll_recv(&mut cx, &mut [IoSliceMut::new(&mut buf)], &mut meta) {
+            Poll::Ready(Ok(1)) => out.push((meta[0].peer, buf[..meta[0].len].to_vec())),
+            Poll::Ready(other) => panic!("unexpected receive result {other:?}"),
+            Poll::Pending => return out,
+        }
+    }
+}
+
+fn futures_noop_waker() -> std::task::Waker {
+    std::task::Waker::noop().clone()
+}
+
+fn accounted(stats: &Stats) -> bool {
+    stats.received == stats.replied + stats.no_reply + stats.dropped.total() + stats.in_flight
+}
+
+/// A handler that waits for a permit from `gate` before echoing.
+fn gated(
+    gate: Arc<Semaphore>,
+) -> impl Service<
+    Request,
+    Response = Bytes,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Bytes, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |request: Request| {
+        let gate = gate.clone();
+        async move {
+            gate.acquire().await.expect("gate").forget();
+            Ok(request.into_payload())
+        }
+    })
+}
+
+async fn serve_on<S>(net: &MemoryNetwork, builder: abyss::Builder, service: S) -> ServerHandle
+where
+    S: Service<Request> + Clone + Send + 'static,
+    S::Response: abyss::IntoReply + Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    builder
+        .bind(SERVER.parse().unwrap())
+        .transport(net.clone())
+        .serve(service)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listener_at_its_in_flight_share_stops_reading_until_one_finishes() {
+    let net = MemoryNetwork::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let handle = serve_on(
+        &net,
+        Server::builder().listeners(1).max_in_flight(4),
+        gated(gate.clone()),
+    )
+    .await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for i in 0..10u8 {
+        send(&client, handle.local_addr(), &[i]).await;
+    }
+    run_until_idle().await;
+
+    let stats = handle.stats();
+    assert_eq!(
+        stats.received, 4,
+        "only max_in_flight datagrams are taken: {stats:?}"
+    );
+    assert_eq!(stats.in_flight, 4);
+    assert_eq!(stats.reads_paused, 1);
+    assert_eq!(
+        stats.kernel_drops,
+        Some(0),
+        "the other six wait in the socket queue"
+    );
+
+    gate.add_permits(10);
+    run_until_idle().await;
+    let replies = drain(&client);
+    assert_eq!(replies.len(), 10);
+    let mut payloads: Vec<u8> = replies.iter().map(|(_, p)| p[0]).collect();
+    payloads.sort_unstable();
+    assert_eq!(payloads, (0..10).collect::<Vec<_>>());
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.received, stats.replied, stats.in_flight),
+        (10, 10, 0)
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_in_flight_limit_is_shared_out_across_listeners() {
+    let net = MemoryNetwork::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let handle = serve_on(
+        &net,
+        Server::builder().listeners(3).max_in_flight(7),
+        gated(gate.clone()),
+    )
+    .await;
+    // Many peers, so all three listeners get some.
+    let mut clients = Vec::new();
+    for i in 0..60u8 {
+        let client = net.bind(format!("10.0.1.{i}:0").parse().unwrap()).unwrap();
+        send(&client, handle.local_addr(), &[i]).await;
+        clients.push(client);
+    }
+    run_until_idle().await;
+    let stats = handle.stats();
+    assert_eq!(
+        stats.in_flight, 7,
+        "3 + 2 + 2 across three listeners: {stats:?}"
+    );
+    gate.add_permits(60);
+    run_until_idle().await;
+    assert_eq!(handle.stats().replied, 60);
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_to_an_unanswerable_source_is_refused_and_counted() {
+    let net = MemoryNetwork::new();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handle = serve_on(
+        &net,
+        Server::builder().listeners(1),
+        service_fn({
+            let seen = seen.clone();
+            move |request: Request| {
+                seen.lock().unwrap().push(request.peer());
+                async move { Ok::<_, Infallible>(request.into_payload()) }
+            }
+        }),
+    )
+    .await;
+    // A DHCP client has no address yet: it sends from 0.0.0.0:68.
+    let dhcp_client = net.bind("0.0.0.0:68".parse().unwrap()).unwrap();
+    let discover = Transmit::new(handle.local_addr(), b"discover")
+        .with_src_ip(Some("0.0.0.0".parse().unwrap()));
+    poll_fn(|cx| dhcp_client.poll_send(cx, std::slice::from_ref(&discover)))
+        .await
+        .unwrap();
+    run_until_idle().await;
+
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        ["0.0.0.0:68".parse().unwrap()],
+        "the handler still sees it"
+    );
+    let stats = handle.stats();
+    assert_eq!(
+        (
+            stats.received,
+            stats.replied,
+            stats.dropped.refused_destination
+        ),
+        (1, 0, 1)
+    );
+    assert!(accounted(&stats));
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn drops_decided_by_layers_are_counted_under_their_reason() {
+    let net = MemoryNetwork::new();
+    let service = service_fn(|request: Request| async move {
+        let reason = match request.payload().as_ref() {
+            b"big" => DropReason::TooLarge,
+            b"fast" => DropReason::RateLimited,
+            b"busy" => DropReason::Overloaded,
+            b"banned" => DropReason::Denied,
+            _ => return Ok(request.into_payload()),
+        };
+        Err::<Bytes, BoxError>(Dropped::new(reason).into())
+    });
+    // tower's own Timeout maps to timed_out.
+    let slow_ones = tower::ServiceBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .service(service_fn(move |request: Request| async move {
+            if request.payload().as_ref() == b"slow" {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            service.clone().call(request).await
+        }));
+    let handle = serve_on(&net, Server::builder().listeners(1), slow_ones).await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for payload in [&b"big"[..], b"fast", b"busy", b"banned", b"slow", b"fine"] {
+        send(&client, handle.local_addr(), payload).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let stats = handle.stats();
+    let d = stats.dropped;
+    assert_eq!(
+        (
+            d.too_large,
+            d.rate_limited,
+            d.overloaded,
+            d.denied,
+            d.timed_out,
+            d.handler_error
+        ),
+        (1, 1, 1, 1, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.replied, 1);
+    assert_eq!(
+        drain(&client),
+        vec![(handle.local_addr(), b"fine".to_vec())]
+    );
+    assert!(accounted(&stats));
+    handle.shutdown().await;
+}
+
+/// A service whose `poll_ready` fails on its first `failures` polls.
+#[derive(Clone)]
+struct FailsWhenPolled {
+    failures: Arc<AtomicUsize>,
+}
+
+impl Service<Request> for FailsWhenPolled {
+    type Response = Bytes;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Bytes, std::io::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Poll::Ready(Err(std::io::Error::other("not ready, ever")));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        std::future::ready(Ok(request.into_payload()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_poll_ready_drops_the_datagram_and_the_listener_goes_on() {
+    let net = MemoryNetwork::new();
+    let service = FailsWhenPolled {
+        failures: Arc::new(AtomicUsize::new(3)),
+    };
+    let handle = serve_on(&net, Server::builder().listeners(1), service).await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for i in 0..5u8 {
+        send(&client, handle.local_addr(), &[i]).await;
+    }
+    run_until_idle().await;
+    let stats = handle.stats();
+    assert_eq!(stats.received, 5);
+    assert_eq!(stats.dropped.handler_error, 3);
+    assert_eq!(stats.replied, 2);
+    assert!(accounted(&stats));
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_exactly_the_timeout_before_aborting() {
+    let net = MemoryNetwork::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let handle = serve_on(
+        &net,
+        Server::builder()
+            .listeners(1)
+            .shutdown_timeout(Duration::from_secs(15)),
+        gated(gate.clone()),
+    )
+    .await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for i in 0..3u8 {
+        send(&client, handle.local_addr(), &[i]).await;
+    }
+    run_until_idle().await;
+
+    let started = tokio::time::Instant::now();
+    let shutdown = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.shutdown().await }
+    });
+    // One request finishes during the drain; the other two outlive it.
+    run_until_idle().await;
+    gate.add_permits(1);
+    let report = shutdown.await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(15));
+    assert_eq!((report.drained, report.aborted), (1, 2));
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.replied, stats.dropped.aborted, stats.in_flight),
+        (1, 2, 0)
+    );
+    // Datagrams sent after shutdown are never read.
+    send(&client, handle.local_addr(), b"late").await;
+    run_until_idle().await;
+    assert_eq!(handle.stats().received, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn counters_survive_suspend_and_resume() {
+    let net = MemoryNetwork::new();
+    let handle = serve_on(
+        &net,
+        Server::builder().listeners(2),
+        service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) }),
+    )
+    .await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    send(&client, handle.local_addr(), b"one").await;
+    run_until_idle().await;
+    handle.suspend().await.unwrap();
+    send(&client, handle.local_addr(), b"lost: nobody is bound").await;
+    run_until_idle().await;
+    assert_eq!(handle.resume().await.unwrap(), SERVER.parse().unwrap());
+    send(&client, handle.local_addr(), b"two").await;
+    run_until_idle().await;
+    let stats = handle.stats();
+    assert_eq!((stats.received, stats.replied), (2, 2));
+    let replies: Vec<Vec<u8>> = drain(&client).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(replies, [b"one".to_vec(), b"two".to_vec()]);
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_socket_queue_is_reported_as_kernel_drops() {
+    let net = MemoryNetwork::new();
+    net.set_queue_capacity(8);
+    let gate = Arc::new(Semaphore::new(0));
+    let handle = serve_on(
+        &net,
+        Server::builder().listeners(1).max_in_flight(2),
+        gated(gate.clone()),
+    )
+    .await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for i in 0..30u8 {
+        send(&client, handle.local_addr(), &[i]).await;
+    }
+    run_until_idle().await;
+    gate.add_permits(30);
+    run_until_idle().await;
+    let stats = handle.stats();
+    // Every datagram sent is either counted by the server or by the "kernel".
+    assert_eq!(
+        stats.received + stats.kernel_drops.unwrap(),
+        30,
+        "{stats:?}"
+    );
+    assert!(stats.kernel_drops.unwrap() > 0);
+    assert_eq!(stats.replied, stats.received);
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_that_is_not_ready_leaves_datagrams_in_the_socket_queue() {
+    let net = MemoryNetwork::new();
+    let gate = Arc::new(Semaphore::new(0));
+    // One request at a time: poll_ready stays pending while it is handled.
+    let service = tower::ServiceBuilder::new()
+        .concurrency_limit(1)
+        .service(gated(gate.clone()));
+    let handle = serve_on(&net, Server::builder().listeners(1), service).await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for i in 0..100u8 {
+        send(&client, handle.local_addr(), &[i]).await;
+    }
+    run_until_idle().await;
+    let stats = handle.stats();
+    // The one being handled, plus at most one receive batch (32) waiting for
+    // poll_ready; the rest stays in the socket's queue.
+    assert!(
+        (1..=33).contains(&stats.received),
+        "read past the backpressure: {stats:?}"
+    );
+
+    gate.add_permits(100);
+    run_until_idle().await;
+    assert_eq!(drain(&client).len(), 100);
+    assert_eq!(handle.stats().replied, 100);
+    handle.shutdown().await;
+}
+
+/// A memory transport whose receive fails on every third call (an ICMP
+/// error, as a real socket reports it) and whose send fails for payloads
+/// starting with `!` (a full send buffer).
+#[derive(Debug)]
+struct Faulty {
+    inner: MemoryTransport,
+    calls: AtomicUsize,
+}
+
+impl Transport for Faulty {
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) % 3 == 2 {
+            return Poll::Ready(Err(std::io::ErrorKind::ConnectionRefused.into()));
+        }
+        // One datagram per call, so errors interleave with datagrams.
+        self.inner.poll_recv(cx, &mut bufs[..1], &mut meta[..1])
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        transmits: &[Transmit<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if transmits[0].contents.starts_with(b"!") {
+            return Poll::Ready(Err(std::io::Error::from_raw_os_error(105))); // ENOBUFS
+        }
+        self.inner.poll_send(cx, &transmits[..1])
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FaultyNetwork(MemoryNetwork);
+
+impl abyss::transport::Bind for FaultyNetwork {
+    fn bind_group(
+        &self,
+        addr: SocketAddr,
+        count: usize,
+    ) -> std::io::Result<Vec<Arc<dyn Transport>>> {
+        assert_eq!(count, 1, "this test serves with one listener");
+        let inner = self.0.bind(addr)?;
+        Ok(vec![Arc::new(Faulty {
+            inner,
+            calls: AtomicUsize::new(0),
+        })])
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn receive_and_send_errors_are_counted_and_the_listener_goes_on() {
+    let net = MemoryNetwork::new();
+    let handle = Server::bind(SERVER.parse().unwrap())
+        .listeners(1)
+        .transport(FaultyNetwork(net.clone()))
+        .serve(service_fn(|r: Request| async move {
+            Ok::<_, Infallible>(r.into_payload())
+        }))
+        .await
+        .unwrap();
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for payload in [&b"a"[..], b"!b", b"c", b"!d", b"e", b"f"] {
+        send(&client, handle.local_addr(), payload).await;
+        run_until_idle().await;
+    }
+    let stats = handle.stats();
+    assert_eq!(stats.received, 6);
+    assert_eq!(stats.dropped.send_failed, 2);
+    assert_eq!(stats.replied, 4);
+    assert!(stats.receive_errors >= 2, "{stats:?}");
+    assert!(accounted(&stats));
+    let replies: Vec<Vec<u8>> = drain(&client).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        replies,
+        [b"a".to_vec(), b"c".to_vec(), b"e".to_vec(), b"f".to_vec()]
+    );
+    handle.shutdown().await;
+}
