@@ -1,152 +1,76 @@
-//! Tower middleware vocabulary for [Abyss](https://docs.rs/abyss) UDP services.
+//! Tower middleware for [Abyss](https://docs.rs/abyss) UDP services.
 //!
-//! A UDP server has no error response to send: a datagram a layer refuses is
-//! simply not answered. What matters is that every refused datagram is
-//! counted once, under one reason. Layers do that by failing the request with
-//! a [`Dropped`] error carrying a [`DropReason`]; the Abyss server recognises
-//! it (and tower's own [`Elapsed`](tower::timeout::error::Elapsed) and
-//! [`Overloaded`](tower::load_shed::error::Overloaded)) with [`drop_reason`]
-//! and counts the datagram under that reason instead of as a handler error.
+//! Every layer works standalone with [`tower::ServiceBuilder`]; the Abyss
+//! server's builder options (`max_packet_size`, `rate_limit`, `timeout`,
+//! `concurrency_limit`, `trace`) are shortcuts that stack these same layers.
+//!
+//! | layer | drops with | counted by the server as |
+//! | --- | --- | --- |
+//! | [`SizeLimitLayer`] | payload over N bytes | `too_large` |
+//! | [`PeerRateLimitLayer`] | peer over its GCRA quota | `rate_limited` |
+//! | tower's [`TimeoutLayer`](tower::timeout::TimeoutLayer) | handling took too long | `timed_out` |
+//! | [`ConcurrencyLimitLayer`] | N requests already in flight | `overloaded` |
+//! | [`TraceLayer`] | (never drops) a span per datagram | |
+//!
+//! A UDP server has no error response to send: a refused datagram is simply
+//! not answered. What matters is that every refused datagram is counted once,
+//! under one reason. Layers do that by failing the request with a [`Dropped`]
+//! error carrying a [`DropReason`]; the server recognises it (and tower's own
+//! `Elapsed` and `Overloaded`) with [`drop_reason`].
+//!
+//! Layers that look at the peer or the payload size take any request that
+//! implements [`Datagram`]; `abyss::Request` does.
 //!
 //! # Example
 //!
-//! A hand-written filter that drops empty datagrams:
-//!
 //! ```
-//! use abyss_middleware::{DropReason, Dropped, drop_reason};
-//! use tower::BoxError;
+//! use std::time::Duration;
+//! use abyss_middleware::{
+//!     ConcurrencyLimitLayer, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
+//! };
+//! use tower::ServiceBuilder;
+//! # use std::net::SocketAddr;
+//! # #[derive(Debug)]
+//! # struct Req;
+//! # impl abyss_middleware::Datagram for Req {
+//! #     fn peer(&self) -> SocketAddr { "192.0.2.1:1".parse().unwrap() }
+//! #     fn local(&self) -> SocketAddr { "192.0.2.2:2".parse().unwrap() }
+//! #     fn payload_len(&self) -> usize { 3 }
+//! # }
 //!
-//! fn check(payload: &[u8]) -> Result<(), BoxError> {
-//!     if payload.is_empty() {
-//!         return Err(Dropped::new(DropReason::Denied).into());
-//!     }
-//!     Ok(())
-//! }
-//!
-//! let error = check(b"").unwrap_err();
-//! assert_eq!(drop_reason(&*error), Some(DropReason::Denied));
+//! let limiter = PeerRateLimiter::new(RateQuota::per_second(100).with_burst(200)).unwrap();
+//! let service = ServiceBuilder::new()
+//!     .layer(TraceLayer::new())
+//!     .layer(SizeLimitLayer::new(1232))
+//!     .layer(limiter.layer())
+//!     .layer(ConcurrencyLimitLayer::new(1024))
+//!     .timeout(Duration::from_secs(2))
+//!     .service_fn(|_request: Req| async { Ok::<_, std::convert::Infallible>(()) });
+//! # let _ = service;
 //! ```
 
-use std::error::Error;
-use std::fmt;
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-/// Why a datagram was dropped on purpose by a layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum DropReason {
-    /// The payload was over the size limit.
-    TooLarge,
-    /// The peer was over its rate limit.
-    RateLimited,
-    /// Handling took longer than the timeout.
-    TimedOut,
-    /// The service was at its concurrency limit.
-    Overloaded,
-    /// A policy (allow/deny list, validation) refused the peer or payload.
-    Denied,
-}
+pub mod concurrency;
+mod drop;
+pub mod rate_limit;
+pub mod size_limit;
+pub mod trace;
 
-impl DropReason {
-    /// A short `snake_case` name, as used in logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::TooLarge => "too_large",
-            DropReason::RateLimited => "rate_limited",
-            DropReason::TimedOut => "timed_out",
-            DropReason::Overloaded => "overloaded",
-            DropReason::Denied => "denied",
-        }
-    }
-}
+mod datagram;
+mod future;
 
-impl fmt::Display for DropReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use concurrency::ConcurrencyLimitLayer;
+pub use datagram::Datagram;
+pub use drop::{DropReason, Dropped, drop_reason};
+pub use future::ResponseFuture;
+pub use rate_limit::{
+    PeerRateLimitLayer, PeerRateLimiter, PeerRateLimiterBuilder, RateLimitError, RateLimitStats,
+    RateQuota,
+};
+pub use size_limit::SizeLimitLayer;
+pub use trace::TraceLayer;
 
-/// The error a layer fails a request with when it drops the datagram on
-/// purpose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dropped {
-    reason: DropReason,
-}
-
-impl Dropped {
-    /// A datagram dropped for `reason`.
-    pub fn new(reason: DropReason) -> Self {
-        Self { reason }
-    }
-
-    /// Why it was dropped.
-    pub fn reason(&self) -> DropReason {
-        self.reason
-    }
-}
-
-impl fmt::Display for Dropped {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "datagram dropped: {}", self.reason)
-    }
-}
-
-impl Error for Dropped {}
-
-/// The drop reason behind `error`, if it (or an error in its source chain)
-/// is a [`Dropped`], tower's timeout [`Elapsed`](tower::timeout::error::Elapsed)
-/// or tower's load-shed [`Overloaded`](tower::load_shed::error::Overloaded).
-pub fn drop_reason(error: &(dyn Error + 'static)) -> Option<DropReason> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(dropped) = e.downcast_ref::<Dropped>() {
-            return Some(dropped.reason());
-        }
-        if e.is::<tower::timeout::error::Elapsed>() {
-            return Some(DropReason::TimedOut);
-        }
-        if e.is::<tower::load_shed::error::Overloaded>() {
-            return Some(DropReason::Overloaded);
-        }
-        current = e.source();
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug)]
-    struct Wrapper(Box<dyn Error + Send + Sync>);
-    impl fmt::Display for Wrapper {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("wrapped")
-        }
-    }
-    impl Error for Wrapper {
-        fn source(&self) -> Option<&(dyn Error + 'static)> {
-            Some(&*self.0)
-        }
-    }
-
-    #[test]
-    fn a_dropped_error_is_found_through_its_source_chain() {
-        let inner: Box<dyn Error + Send + Sync> = Box::new(Dropped::new(DropReason::RateLimited));
-        let outer = Wrapper(inner);
-        assert_eq!(drop_reason(&outer), Some(DropReason::RateLimited));
-    }
-
-    #[test]
-    fn towers_timeout_and_load_shed_errors_map_to_their_reasons() {
-        let elapsed = tower::timeout::error::Elapsed::new();
-        assert_eq!(drop_reason(&elapsed), Some(DropReason::TimedOut));
-        let overloaded = tower::load_shed::error::Overloaded::new();
-        assert_eq!(drop_reason(&overloaded), Some(DropReason::Overloaded));
-    }
-
-    #[test]
-    fn an_unrelated_error_has_no_drop_reason() {
-        let error = std::io::Error::other("boom");
-        assert_eq!(drop_reason(&error), None);
-    }
-}
+/// Targets of the tracing events the layers emit, matching the original's
+/// `[:abyss, :listener, ...]` telemetry names.
+pub(crate) const LISTENER_TARGET: &str = "abyss::listener";

@@ -1,0 +1,123 @@
+use std::error::Error;
+use std::fmt;
+
+/// Why a datagram was dropped on purpose by a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// The payload was over the size limit.
+    TooLarge,
+    /// The peer was over its rate limit.
+    RateLimited,
+    /// Handling took longer than the timeout.
+    TimedOut,
+    /// The service was at its concurrency limit.
+    Overloaded,
+    /// A policy (allow/deny list, validation) refused the peer or payload.
+    Denied,
+}
+
+impl DropReason {
+    /// A short `snake_case` name, as used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::TooLarge => "too_large",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::TimedOut => "timed_out",
+            DropReason::Overloaded => "overloaded",
+            DropReason::Denied => "denied",
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error a layer fails a request with when it drops the datagram on
+/// purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    reason: DropReason,
+}
+
+impl Dropped {
+    /// A datagram dropped for `reason`.
+    pub fn new(reason: DropReason) -> Self {
+        Self { reason }
+    }
+
+    /// Why it was dropped.
+    pub fn reason(&self) -> DropReason {
+        self.reason
+    }
+}
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "datagram dropped: {}", self.reason)
+    }
+}
+
+impl Error for Dropped {}
+
+/// The drop reason behind `error`, if it (or an error in its source chain)
+/// is a [`Dropped`], tower's timeout [`Elapsed`](tower::timeout::error::Elapsed)
+/// or tower's load-shed [`Overloaded`](tower::load_shed::error::Overloaded).
+pub fn drop_reason(error: &(dyn Error + 'static)) -> Option<DropReason> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(dropped) = e.downcast_ref::<Dropped>() {
+            return Some(dropped.reason());
+        }
+        if e.is::<tower::timeout::error::Elapsed>() {
+            return Some(DropReason::TimedOut);
+        }
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            return Some(DropReason::Overloaded);
+        }
+        current = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapper(Box<dyn Error + Send + Sync>);
+    impl fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+    impl Error for Wrapper {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn a_dropped_error_is_found_through_its_source_chain() {
+        let inner: Box<dyn Error + Send + Sync> = Box::new(Dropped::new(DropReason::RateLimited));
+        let outer = Wrapper(inner);
+        assert_eq!(drop_reason(&outer), Some(DropReason::RateLimited));
+    }
+
+    #[test]
+    fn towers_timeout_and_load_shed_errors_map_to_their_reasons() {
+        let elapsed = tower::timeout::error::Elapsed::new();
+        assert_eq!(drop_reason(&elapsed), Some(DropReason::TimedOut));
+        let overloaded = tower::load_shed::error::Overloaded::new();
+        assert_eq!(drop_reason(&overloaded), Some(DropReason::Overloaded));
+    }
+
+    #[test]
+    fn an_unrelated_error_has_no_drop_reason() {
+        let error = std::io::Error::other("boom");
+        assert_eq!(drop_reason(&error), None);
+    }
+}

@@ -1,0 +1,326 @@
+//! Each layer on its own, with tower-test mocks and tokio's paused clock.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use abyss_middleware::{
+    ConcurrencyLimitLayer, Datagram, DropReason, PeerRateLimiter, RateQuota, SizeLimitLayer,
+    drop_reason,
+};
+use tokio_test_shim::assert_ready_ok;
+use tower::{BoxError, Service, ServiceExt};
+use tower_test::mock;
+
+/// Test shims so the assertions read plainly.
+mod tokio_test_shim {
+    macro_rules! assert_ready_ok {
+        ($e:expr) => {
+            match $e {
+                std::task::Poll::Ready(Ok(v)) => v,
+                other => panic!(
+                    "expected Ready(Ok(_)), got {:?}",
+                    other.map(|r| r.map(|_| ()))
+                ),
+            }
+        };
+    }
+    pub(crate) use assert_ready_ok;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Packet {
+    peer: SocketAddr,
+    len: usize,
+}
+
+impl Packet {
+    fn from(peer: &str, len: usize) -> Self {
+        Self {
+            peer: peer.parse().unwrap(),
+            len,
+        }
+    }
+}
+
+impl Datagram for Packet {
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+    fn local(&self) -> SocketAddr {
+        "192.0.2.53:53".parse().unwrap()
+    }
+    fn payload_len(&self) -> usize {
+        self.len
+    }
+}
+
+fn reason(error: BoxError) -> Option<DropReason> {
+    drop_reason(&*error)
+}
+
+#[tokio::test]
+async fn the_size_limit_passes_the_limit_and_drops_one_byte_over_before_the_service() {
+    let (mut service, mut handle) = mock::spawn_layer::<Packet, &str, _>(SizeLimitLayer::new(512));
+
+    assert_ready_ok!(service.poll_ready());
+    let over = service.call(Packet::from("192.0.2.1:1000", 513));
+    assert_eq!(reason(over.await.unwrap_err()), Some(DropReason::TooLarge));
+
+    assert_ready_ok!(service.poll_ready());
+    let at = service.call(Packet::from("192.0.2.1:1000", 512));
+    let (request, reply) = handle
+        .next_request()
+        .await
+        .expect("the inner service is called");
+    assert_eq!(request.len, 512, "the 513-byte datagram never reached it");
+    reply.send_response("ok");
+    assert_eq!(at.await.unwrap(), "ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn twenty_per_second_against_ten_per_second_lets_the_burst_plus_ten_per_second_through() {
+    // The original's bug: a fixed-window refill that rounds down to zero and
+    // still resets the clock let 10 of 60 through in this scenario.
+    let limiter = PeerRateLimiter::new(RateQuota::per_second(10).with_burst(10)).unwrap();
+    let mut service = tower::ServiceBuilder::new()
+        .layer(limiter.layer())
+        .service_fn(|_: Packet| async { Ok::<_, BoxError>(()) });
+    let mut allowed = 0;
+    for _ in 0..60 {
+        let result = service
+            .ready()
+            .await
+            .unwrap()
+            .call(Packet::from("192.0.2.9:4000", 32))
+            .await;
+        match result {
+            Ok(()) => allowed += 1,
+            Err(error) => assert_eq!(reason(error), Some(DropReason::RateLimited)),
+        }
+        tokio::time::advance(Duration::from_millis(50)).await;
+    }
+    // 10 at once, then one per 100 ms over the 2.95 s the 60 datagrams span.
+    assert!((38..=41).contains(&allowed), "{allowed} of 60 allowed");
+    let stats = limiter.stats();
+    assert_eq!(stats.allowed, allowed);
+    assert_eq!(stats.limited, 60 - allowed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_over_its_limit_does_not_limit_another() {
+    let limiter = PeerRateLimiter::new(RateQuota::per_second(1).with_burst(1)).unwrap();
+    assert!(limiter.check("192.0.2.1:1".parse().unwrap()));
+    assert!(
+        !limiter.check("192.0.2.1:2".parse().unwrap()),
+        "same IP, other port: same peer"
+    );
+    assert!(limiter.check("192.0.2.2:1".parse().unwrap()));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(
+        limiter.check("192.0.2.1:1".parse().unwrap()),
+        "refilled after the window"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ipv6_peers_in_one_slash_64_share_one_allowance() {
+    let limiter = PeerRateLimiter::new(RateQuota::per_second(2).with_burst(2)).unwrap();
+    assert!(limiter.check("[2001:db8:aa:bb::1]:53".parse().unwrap()));
+    assert!(limiter.check("[2001:db8:aa:bb:ffff::2]:53".parse().unwrap()));
+    assert!(
+        !limiter.check("[2001:db8:aa:bb:1234:5678:9abc:def0]:53".parse().unwrap()),
+        "a third address in the same /64 is over the shared burst"
+    );
+    assert!(
+        limiter.check("[2001:db8:aa:cc::1]:53".parse().unwrap()),
+        "another /64"
+    );
+    assert_eq!(limiter.stats().tracked_peers, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hundred_thousand_sources_never_grow_the_table_past_its_cap() {
+    let limiter = PeerRateLimiter::builder(RateQuota::per_second(10))
+        .max_tracked_peers(10_000)
+        .build()
+        .unwrap();
+    let mut allowed = 0u64;
+    for i in 0..100_000u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        if limiter.check(SocketAddr::from((ip, 53))) {
+            allowed += 1;
+        }
+        if i % 10_000 == 0 {
+            assert!(limiter.stats().tracked_peers <= 10_000);
+        }
+    }
+    let stats = limiter.stats();
+    assert!(stats.tracked_peers <= 10_000, "{stats:?}");
+    assert_eq!(stats.tracked_peers, 10_000, "the table fills up to its cap");
+    // Newcomers beyond the cap share the overflow allowance of their shard
+    // (at most 64 shards, a burst of 10 each): they are limited as a group,
+    // not let through unchecked.
+    assert!(allowed <= 10_000 + 64 * 10, "{allowed} allowed");
+    assert_eq!(stats.allowed + stats.limited, 100_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_peers_are_evicted_to_make_room_for_new_ones() {
+    let limiter = PeerRateLimiter::builder(RateQuota::per_second(10))
+        .max_tracked_peers(100)
+        .build()
+        .unwrap();
+    for i in 0..100u8 {
+        assert!(limiter.check(SocketAddr::from(([10, 0, 0, i], 1))));
+    }
+    assert_eq!(limiter.stats().tracked_peers, 100);
+    // Once their allowance has refilled, the old peers carry no state.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(limiter.check(SocketAddr::from(([10, 0, 1, 1], 1))));
+    let stats = limiter.stats();
+    assert!(stats.evicted > 0, "{stats:?}");
+    assert!(stats.tracked_peers <= 100);
+    limiter.evict_idle();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    limiter.evict_idle();
+    assert_eq!(limiter.stats().tracked_peers, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_quota_can_be_changed_while_serving() {
+    let limiter = PeerRateLimiter::new(RateQuota::per_second(1).with_burst(1)).unwrap();
+    let mut service = tower::ServiceBuilder::new()
+        .layer(limiter.layer())
+        .service_fn(|_: Packet| async { Ok::<_, BoxError>(()) });
+    let peer = "192.0.2.1:1";
+    assert!(
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(Packet::from(peer, 1))
+            .await
+            .is_ok()
+    );
+    assert!(
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(Packet::from(peer, 1))
+            .await
+            .is_err()
+    );
+
+    limiter
+        .set_quota(RateQuota::per_second(100).with_burst(100))
+        .unwrap();
+    assert_eq!(limiter.quota(), RateQuota::per_second(100));
+    for _ in 0..50 {
+        assert!(
+            service
+                .ready()
+                .await
+                .unwrap()
+                .call(Packet::from(peer, 1))
+                .await
+                .is_ok()
+        );
+    }
+    assert_eq!(
+        limiter
+            .set_quota(RateQuota::per_second(0))
+            .unwrap_err()
+            .field,
+        "max",
+        "an invalid quota is refused and the old one kept"
+    );
+    assert_eq!(limiter.quota(), RateQuota::per_second(100));
+}
+
+#[tokio::test]
+async fn invalid_rate_limit_options_are_named() {
+    let error = PeerRateLimiter::builder(RateQuota::per_second(1))
+        .max_tracked_peers(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field, "max_tracked_peers");
+    let error = PeerRateLimiter::builder(RateQuota::per_second(1))
+        .prefixes(33, 64)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field, "prefix_v4");
+    let error = PeerRateLimiter::builder(RateQuota::per_second(1))
+        .prefixes(32, 129)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field, "prefix_v6");
+    assert!(error.to_string().contains("prefix_v6"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_key_function_decides_who_is_one_peer() {
+    let limiter = PeerRateLimiter::builder(RateQuota::per_second(1))
+        .with_key(|peer: SocketAddr| peer.port())
+        .build()
+        .unwrap();
+    assert!(limiter.check("127.0.0.1:5000".parse().unwrap()));
+    assert!(
+        !limiter.check("127.0.0.2:5000".parse().unwrap()),
+        "same port, same key"
+    );
+    assert!(limiter.check("127.0.0.1:5001".parse().unwrap()));
+}
+
+#[tokio::test]
+async fn the_concurrency_limit_drops_instead_of_waiting_and_frees_slots_on_completion() {
+    let (mut service, mut handle) =
+        mock::spawn_layer::<Packet, &str, _>(ConcurrencyLimitLayer::new(2));
+
+    assert_ready_ok!(service.poll_ready());
+    let first = service.call(Packet::from("192.0.2.1:1", 1));
+    assert_ready_ok!(service.poll_ready());
+    let second = service.call(Packet::from("192.0.2.1:1", 2));
+    // Still ready: a third request is not made to wait, it is dropped.
+    assert_ready_ok!(service.poll_ready());
+    let third = service.call(Packet::from("192.0.2.1:1", 3));
+    assert_eq!(
+        reason(third.await.unwrap_err()),
+        Some(DropReason::Overloaded)
+    );
+
+    let (_, reply) = handle.next_request().await.unwrap();
+    reply.send_response("one");
+    assert_eq!(first.await.unwrap(), "one");
+    // A slot is free again; dropping an unfinished future frees one too.
+    drop(second);
+    for n in 4..6 {
+        assert_ready_ok!(service.poll_ready());
+        let _pending = service.call(Packet::from("192.0.2.1:1", n));
+        std::mem::forget(_pending);
+    }
+    assert_ready_ok!(service.poll_ready());
+    let over = service.call(Packet::from("192.0.2.1:1", 6));
+    assert_eq!(
+        reason(over.await.unwrap_err()),
+        Some(DropReason::Overloaded)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn towers_timeout_is_counted_as_timed_out() {
+    let mut service = tower::ServiceBuilder::new()
+        .timeout(Duration::from_millis(100))
+        .service_fn(|_: Packet| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, BoxError>(())
+        });
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Packet::from("192.0.2.1:1", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(error), Some(DropReason::TimedOut));
+}
