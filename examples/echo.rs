@@ -13,13 +13,14 @@ use std::convert::Infallible;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use abyss::middleware::RateQuota;
 use abyss::{Request, Server};
 use clap::Parser;
 use tower::service_fn;
 
-/// UDP echo server built on Abyss.
+/// UDP echo server built on Abyss: every datagram is sent back to its sender.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Address to serve on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -36,20 +37,45 @@ struct Args {
     /// Seconds to finish requests in flight on shutdown.
     #[arg(long, default_value_t = 15)]
     shutdown_timeout: u64,
+    /// Drop datagrams longer than this many bytes.
+    #[arg(long, default_value_t = abyss::DEFAULT_MAX_PACKET_SIZE)]
+    max_packet_size: usize,
+    /// Datagrams per second allowed from each peer (IPv4 address, IPv6 /64).
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// Datagrams a quiet peer may send at once (default: the rate limit).
+    #[arg(long, requires = "rate_limit")]
+    rate_burst: Option<u32>,
+    /// Drop requests not handled within this many milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
     abyss_examples::init_tracing();
-    let args = Args::parse();
+    abyss_examples::report(run(Args::parse()).await)
+}
 
+async fn run(args: Args) -> Result<(), abyss::Error> {
     let mut builder = Server::builder()
         .address(args.bind)
         .port(args.port)
         .max_in_flight(args.max_in_flight)
-        .shutdown_timeout(Duration::from_secs(args.shutdown_timeout));
+        .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
+        .max_packet_size(args.max_packet_size);
     if let Some(listeners) = args.listeners {
         builder = builder.listeners(listeners);
+    }
+    if let Some(per_second) = args.rate_limit {
+        let quota = RateQuota::per_second(per_second);
+        builder = builder.rate_limit(match args.rate_burst {
+            Some(burst) => quota.with_burst(burst),
+            None => quota,
+        });
+    }
+    if let Some(ms) = args.timeout_ms {
+        builder = builder.timeout(Duration::from_millis(ms));
     }
     let echo =
         service_fn(

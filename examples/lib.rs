@@ -87,3 +87,21 @@ pub fn stats_line(stats: &Stats) -> String {
     );
     line
 }
+
+/// Turns a program's result into its exit status, printing the error (with
+/// its causes) on stderr.
+pub fn report<E: std::error::Error>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let mut line = format!("error: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                let _ = write!(line, ": {cause}");
+                source = cause.source();
+            }
+            eprintln!("{line}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

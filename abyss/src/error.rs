@@ -30,7 +30,7 @@ pub enum Error {
     #[error(transparent)]
     Options(#[from] OptionsError),
     /// The sockets could not be opened on the address.
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}")]
     Bind {
         /// The address asked for.
         addr: SocketAddr,

@@ -10,8 +10,8 @@ pub use error::Error;
 pub use reply::IntoReply;
 pub use request::{Request, SendHandle};
 pub use server::{
-    Builder, DEFAULT_MAX_DATAGRAM_SIZE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_PORT,
-    DEFAULT_SHUTDOWN_TIMEOUT, DrainReport, Drops, Server, ServerHandle, Stats,
+    Builder, DEFAULT_MAX_DATAGRAM_SIZE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PACKET_SIZE,
+    DEFAULT_PORT, DEFAULT_SHUTDOWN_TIMEOUT, DrainReport, Drops, Server, ServerHandle, Stats,
 };
 
 /// The transport layer: the [`Transport`](transport::Transport) trait, UDP

@@ -100,7 +100,8 @@ impl Request {
         self.payload
     }
 
-    /// When the listener took the datagram from the socket.
+    /// When the listener took the datagram from the socket (one reading per
+    /// receive batch, from tokio's clock).
     pub fn received_at(&self) -> Instant {
         self.received_at
     }
@@ -119,6 +120,24 @@ impl Request {
     /// any address (an upstream, a broadcast address, several peers).
     pub fn sender(&self) -> &SendHandle {
         &self.sender
+    }
+}
+
+impl crate::middleware::Datagram for Request {
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+
+    fn received_at(&self) -> Instant {
+        self.received_at
     }
 }
 

@@ -139,6 +139,14 @@ impl ServerHandle {
         *self.inner.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The rate limiter set with [`Builder::rate_limit`](crate::Builder::rate_limit)
+    /// or [`Builder::rate_limiter`](crate::Builder::rate_limiter): change
+    /// its quota while serving (the original's `update_config`) or read its
+    /// counters.
+    pub fn rate_limiter(&self) -> Option<&crate::middleware::PeerRateLimiter> {
+        self.inner.config.rate_limiter.as_ref()
+    }
+
     /// A snapshot of the counters, summed over listeners.
     pub fn stats(&self) -> Stats {
         let mut stats = Stats::default();

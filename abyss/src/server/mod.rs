@@ -9,11 +9,15 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower::{BoxError, Service};
+use tower::timeout::TimeoutLayer;
+use tower::{BoxError, Service, ServiceBuilder};
 
 pub use handle::{DrainReport, ServerHandle};
 pub use stats::{Drops, Stats};
 
+use crate::middleware::{
+    ConcurrencyLimitLayer, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
+};
 use crate::transport::{Bind, Transport, UdpOptions};
 use crate::{Error, IntoReply, Request};
 
@@ -25,6 +29,8 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 16_384;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest UDP payload: every datagram fits.
 pub const DEFAULT_MAX_DATAGRAM_SIZE: usize = 65_535;
+/// The original's `max_packet_size` default.
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 8192;
 
 /// Entry point: [`Server::builder`] (or [`Server::bind`]) configures a
 /// server, [`Builder::serve`] starts it.
@@ -91,6 +97,23 @@ pub struct Builder {
     max_datagram_size: usize,
     udp: UdpOptions,
     transport: Option<Arc<dyn Bind>>,
+    layers: LayerOptions,
+}
+
+/// The builder options that stack middleware in front of the service.
+#[derive(Debug, Clone)]
+struct LayerOptions {
+    trace: bool,
+    max_packet_size: Option<usize>,
+    rate_limit: Option<RateLimitOption>,
+    concurrency_limit: Option<usize>,
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+enum RateLimitOption {
+    Quota(RateQuota),
+    Limiter(PeerRateLimiter),
 }
 
 impl fmt::Debug for Builder {
@@ -103,6 +126,7 @@ impl fmt::Debug for Builder {
             .field("max_datagram_size", &self.max_datagram_size)
             .field("udp", &self.udp)
             .field("transport", &self.transport)
+            .field("layers", &self.layers)
             .finish()
     }
 }
@@ -124,6 +148,13 @@ impl Builder {
             max_datagram_size: DEFAULT_MAX_DATAGRAM_SIZE,
             udp: UdpOptions::new(),
             transport: None,
+            layers: LayerOptions {
+                trace: false,
+                max_packet_size: Some(DEFAULT_MAX_PACKET_SIZE),
+                rate_limit: None,
+                concurrency_limit: None,
+                timeout: None,
+            },
         }
     }
 
@@ -195,6 +226,73 @@ impl Builder {
         self
     }
 
+    /// Drops datagrams longer than `bytes` before the service sees them
+    /// (the original's `max_packet_size`; default 8192), counted as
+    /// [`Drops::too_large`]. Shortcut for
+    /// [`SizeLimitLayer`](crate::middleware::SizeLimitLayer).
+    pub fn max_packet_size(mut self, bytes: usize) -> Self {
+        self.layers.max_packet_size = Some(bytes);
+        self
+    }
+
+    /// Removes the default [`max_packet_size`](Builder::max_packet_size)
+    /// limit.
+    pub fn without_packet_size_limit(mut self) -> Self {
+        self.layers.max_packet_size = None;
+        self
+    }
+
+    /// Limits each peer to `quota` (the original's `rate_limit_enabled`,
+    /// `rate_limit_max_packets`, `rate_limit_window_ms`); over it,
+    /// datagrams are dropped and counted as [`Drops::rate_limited`]. Peers
+    /// are keyed by IPv4 /32 and IPv6 /64, at most 65 536 tracked. Shortcut
+    /// for a [`PeerRateLimiter`](crate::middleware::PeerRateLimiter)'s
+    /// layer; [`ServerHandle::rate_limiter`] gives it back to change the
+    /// quota while serving. Off by default.
+    pub fn rate_limit(mut self, quota: RateQuota) -> Self {
+        self.layers.rate_limit = Some(RateLimitOption::Quota(quota));
+        self
+    }
+
+    /// Like [`rate_limit`](Builder::rate_limit), with a limiter you built
+    /// (other prefixes or table size).
+    pub fn rate_limiter(mut self, limiter: PeerRateLimiter) -> Self {
+        self.layers.rate_limit = Some(RateLimitOption::Limiter(limiter));
+        self
+    }
+
+    /// Fails requests that take longer than `timeout` to handle (the
+    /// original's `read_timeout`, applied to request handling): no reply,
+    /// counted as [`Drops::timed_out`]. Shortcut for tower's
+    /// [`TimeoutLayer`](tower::timeout::TimeoutLayer). Off by default (the
+    /// original's 60 s default is not applied: a timer per request costs
+    /// time on every datagram).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.layers.timeout = Some(timeout);
+        self
+    }
+
+    /// Drops datagrams that arrive while `max` requests are being handled,
+    /// counted as [`Drops::overloaded`]. Unlike
+    /// [`max_in_flight`](Builder::max_in_flight), which stops reading and
+    /// lets the kernel queue, this keeps reading and sheds at once. Shortcut
+    /// for [`ConcurrencyLimitLayer`](crate::middleware::ConcurrencyLimitLayer).
+    /// Off by default.
+    pub fn concurrency_limit(mut self, max: usize) -> Self {
+        self.layers.concurrency_limit = Some(max);
+        self
+    }
+
+    /// Handles each datagram in a tracing span (`datagram`, with peer, local
+    /// address and length) and logs replies with their latency and
+    /// failures. Shortcut for
+    /// [`TraceLayer::new`](crate::middleware::TraceLayer::new). Off by
+    /// default.
+    pub fn trace(mut self, on: bool) -> Self {
+        self.layers.trace = on;
+        self
+    }
+
     /// Checks the configuration.
     pub fn build(self) -> Result<Server, Error> {
         self.validate().map(|_| Server { _private: () })
@@ -238,6 +336,23 @@ impl Builder {
                 Arc::new(self.udp.clone())
             }
         };
+        if self.layers.max_packet_size == Some(0) {
+            return Err(Error::config("max_packet_size", "must be at least 1"));
+        }
+        if self.layers.concurrency_limit == Some(0) {
+            return Err(Error::config("concurrency_limit", "must be at least 1"));
+        }
+        if self.layers.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::config("timeout", "must be longer than zero"));
+        }
+        let rate_limiter = match &self.layers.rate_limit {
+            None => None,
+            Some(RateLimitOption::Limiter(limiter)) => Some(limiter.clone()),
+            Some(RateLimitOption::Quota(quota)) => Some(
+                PeerRateLimiter::new(*quota)
+                    .map_err(|e| Error::config("rate_limit", e.to_string()))?,
+            ),
+        };
         Ok(Config {
             addr: self.addr,
             listeners,
@@ -245,6 +360,11 @@ impl Builder {
             shutdown_timeout: self.shutdown_timeout,
             max_datagram_size: self.max_datagram_size,
             bind,
+            rate_limiter,
+            trace: self.layers.trace,
+            max_packet_size: self.layers.max_packet_size,
+            concurrency_limit: self.layers.concurrency_limit,
+            timeout: self.layers.timeout,
         })
     }
 
@@ -268,6 +388,18 @@ impl Builder {
         S::Future: Send + 'static,
     {
         let config = self.validate()?;
+        // The options' layers, outermost first, exactly as a user would
+        // stack them by hand.
+        let service = ServiceBuilder::new()
+            .option_layer(config.trace.then(TraceLayer::new))
+            .option_layer(config.max_packet_size.map(SizeLimitLayer::new))
+            .option_layer(config.rate_limiter.as_ref().map(PeerRateLimiter::layer))
+            .option_layer(config.concurrency_limit.map(ConcurrencyLimitLayer::new))
+            .option_layer(config.timeout.map(TimeoutLayer::new))
+            // Every layer fails with BoxError: make the service's error one
+            // too, so that a layer that is off is the same type as one on.
+            .map_err(Into::<BoxError>::into)
+            .service(service);
         // The Mutex makes the prototype shareable (Sync) without asking the
         // service to be; it is locked only to clone it when listeners start.
         let prototype = std::sync::Mutex::new(service);
@@ -292,6 +424,11 @@ pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_datagram_size: usize,
     pub(crate) bind: Arc<dyn Bind>,
+    pub(crate) rate_limiter: Option<PeerRateLimiter>,
+    trace: bool,
+    max_packet_size: Option<usize>,
+    concurrency_limit: Option<usize>,
+    timeout: Option<Duration>,
 }
 
 impl Config {
