@@ -71,7 +71,9 @@ pub struct Server {
 impl Server {
     /// A builder with the defaults: `0.0.0.0:4000`, one listener per
     /// available core, 16 384 requests in flight, a 15 s shutdown timeout,
-    /// 65 535-byte datagrams, UDP with [`UdpOptions::new`].
+    /// 65 535-byte receive buffers, payloads over 8192 bytes dropped, no
+    /// rate limit, timeout, concurrency limit or trace layer, UDP with
+    /// [`UdpOptions::new`].
     pub fn builder() -> Builder {
         Builder::new()
     }
