@@ -1,10 +1,12 @@
 #![doc = include_str!("docs/crate.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod client;
 mod error;
 mod reply;
 mod request;
 mod server;
+pub mod session;
 
 pub use error::Error;
 pub use reply::IntoReply;

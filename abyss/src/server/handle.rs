@@ -160,15 +160,31 @@ impl ServerHandle {
     /// finishes what is in flight for up to the shutdown timeout, then drops
     /// what is left (counted as aborted) and closes its socket.
     ///
-    /// Returns how many requests were drained and aborted. Calling it again,
-    /// or on a suspended server, returns an empty report.
+    /// Hooks from [`Builder::on_shutdown`](crate::Builder::on_shutdown) run
+    /// meanwhile, within the same timeout.
+    ///
+    /// Returns how many requests were drained and aborted. Calling it again
+    /// returns an empty report; on a suspended server only the hooks run.
     pub async fn shutdown(&self) -> DrainReport {
         let mut lifecycle = self.inner.lifecycle.lock().await;
         let previous = std::mem::replace(&mut *lifecycle, Lifecycle::Stopped);
-        match previous {
-            Lifecycle::Running(listeners) => stop(listeners).await,
-            Lifecycle::Suspended | Lifecycle::Stopped => DrainReport::default(),
-        }
+        let listeners = match previous {
+            Lifecycle::Running(listeners) => listeners,
+            Lifecycle::Suspended => Vec::new(),
+            Lifecycle::Stopped => return DrainReport::default(),
+        };
+        let config = &self.inner.config;
+        let hooks = futures_util::future::join_all(config.shutdown_hooks.iter().map(|hook| hook()));
+        let hooks = async {
+            if tokio::time::timeout(config.shutdown_timeout, hooks)
+                .await
+                .is_err()
+            {
+                tracing::warn!(target: "abyss::listener", "shutdown hooks outlived the shutdown timeout");
+            }
+        };
+        let (report, ()) = tokio::join!(stop(listeners), hooks);
+        report
     }
 
     /// Closes the sockets: listeners stop reading, finish what is in flight

@@ -5,6 +5,7 @@ mod listener;
 mod stats;
 
 use std::fmt;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,7 +101,12 @@ pub struct Builder {
     udp: UdpOptions,
     transport: Option<Arc<dyn Bind>>,
     layers: LayerOptions,
+    shutdown_hooks: Vec<ShutdownHook>,
 }
+
+/// Something to run when a graceful shutdown begins.
+pub(crate) type ShutdownHook =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// The builder options that stack middleware in front of the service.
 #[derive(Debug, Clone)]
@@ -129,6 +135,7 @@ impl fmt::Debug for Builder {
             .field("udp", &self.udp)
             .field("transport", &self.transport)
             .field("layers", &self.layers)
+            .field("shutdown_hooks", &self.shutdown_hooks.len())
             .finish()
     }
 }
@@ -157,6 +164,7 @@ impl Builder {
                 concurrency_limit: None,
                 timeout: None,
             },
+            shutdown_hooks: Vec::new(),
         }
     }
 
@@ -295,6 +303,20 @@ impl Builder {
         self
     }
 
+    /// Runs `hook` when [`ServerHandle::shutdown`] begins, alongside the
+    /// listeners' drain and within the same shutdown timeout. Use it to
+    /// end state that lives beside the sockets, such as
+    /// [`Sessions::shutdown`](crate::session::Sessions::shutdown). Hooks
+    /// do not run on suspend.
+    pub fn on_shutdown<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.shutdown_hooks.push(Arc::new(move || Box::pin(hook())));
+        self
+    }
+
     /// Checks the configuration.
     pub fn build(self) -> Result<Server, Error> {
         self.validate().map(|_| Server { _private: () })
@@ -367,6 +389,7 @@ impl Builder {
             max_packet_size: self.layers.max_packet_size,
             concurrency_limit: self.layers.concurrency_limit,
             timeout: self.layers.timeout,
+            shutdown_hooks: self.shutdown_hooks.clone(),
         })
     }
 
@@ -418,7 +441,7 @@ impl Builder {
 }
 
 /// A validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) addr: SocketAddr,
     pub(crate) listeners: usize,
@@ -431,6 +454,17 @@ pub(crate) struct Config {
     max_packet_size: Option<usize>,
     concurrency_limit: Option<usize>,
     timeout: Option<Duration>,
+    pub(crate) shutdown_hooks: Vec<ShutdownHook>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("addr", &self.addr)
+            .field("listeners", &self.listeners)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {

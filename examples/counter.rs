@@ -1,0 +1,58 @@
+//! Per-peer sessions: each peer gets its own counter, kept between its
+//! datagrams. `reset` ends the session; a peer quiet for `--idle-secs` is
+//! forgotten. Try: `nc -u 127.0.0.1 4001`, then type lines.
+use abyss::session::{Context, Session, Sessions, Step};
+use abyss::{Request, Server};
+use clap::Parser;
+use std::time::Duration;
+
+/// Counts each peer's datagrams, one session per peer.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address and port to serve on.
+    #[arg(long, default_value = "127.0.0.1:4001")]
+    bind: std::net::SocketAddr,
+    /// Seconds a quiet peer's session lives.
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
+}
+
+struct Counter(u64);
+
+impl Session for Counter {
+    async fn handle(&mut self, request: Request) -> Step {
+        if request.payload().trim_ascii() == b"reset" {
+            return Step::close().reply("reset\n");
+        }
+        self.0 += 1;
+        Step::keep().reply(format!("{}\n", self.0))
+    }
+
+    async fn on_idle(&mut self, context: &Context) -> Step {
+        tracing::info!(peer = %context.peer(), count = self.0, "forgetting a quiet peer");
+        Step::close()
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    abyss_examples::init_tracing();
+    abyss_examples::report(run(Args::parse()).await)
+}
+
+async fn run(args: Args) -> Result<(), abyss::Error> {
+    let sessions = Sessions::builder(|_peer| Counter(0))
+        .idle_timeout(Duration::from_secs(args.idle_secs))
+        .build()?;
+    let stop = sessions.clone();
+    let handle = Server::bind(args.bind)
+        .on_shutdown(move || stop.clone().shutdown_owned())
+        .serve(sessions.service())
+        .await?;
+    println!("listening on {}", handle.local_addr());
+    abyss_examples::shutdown_signal().await;
+    handle.shutdown().await;
+    println!("{}", abyss_examples::stats_line(&handle.stats()));
+    Ok(())
+}
