@@ -15,6 +15,9 @@ compile_error!("abyss-transport's UdpTransport supports unix systems only");
 
 #[path = "udp/unix.rs"]
 mod imp;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[path = "udp/mmsg.rs"]
+mod mmsg;
 
 /// How many datagrams one `poll_recv`/`poll_send` call moves at most.
 const BATCH: usize = 32;
@@ -445,20 +448,39 @@ impl UdpTransport {
     }
 }
 
-impl Transport for UdpTransport {
-    fn poll_recv(
+impl UdpTransport {
+    /// One `recvmmsg` per call.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn poll_recv_batch(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.io);
+        loop {
+            match self.io.try_io(Interest::READABLE, || {
+                mmsg::recv(fd, &self.state, bufs, meta)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness was cleared by try_io; wait for the next edge.
+                    ready!(self.io.poll_recv_ready(cx))?;
+                }
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    /// One `recvmsg` per datagram, until the socket is empty or the batch
+    /// full.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn poll_recv_batch(
         &self,
         cx: &mut Context<'_>,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let max = bufs.len().min(meta.len());
-        if max == 0 {
-            return Poll::Ready(Ok(0));
-        }
-        if let Some(error) = self.state.take_deferred_error() {
-            return Poll::Ready(Err(error));
-        }
         let mut filled = 0;
         while filled < max {
             let received = self.io.try_io(Interest::READABLE, || {
@@ -470,7 +492,6 @@ impl Transport for UdpTransport {
                     if filled > 0 {
                         break;
                     }
-                    // Readiness was cleared by try_io; wait for the next edge.
                     ready!(self.io.poll_recv_ready(cx))?;
                 }
                 Err(e) if filled > 0 => {
@@ -483,7 +504,30 @@ impl Transport for UdpTransport {
         Poll::Ready(Ok(filled))
     }
 
-    fn poll_send(
+    /// One `sendmmsg` per call.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn poll_send_batch(
+        &self,
+        cx: &mut Context<'_>,
+        transmits: &[Transmit<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.io);
+        loop {
+            match self
+                .io
+                .try_io(Interest::WRITABLE, || mmsg::send(fd, self.local, transmits))
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.io.poll_send_ready(cx))?;
+                }
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    /// One `sendmsg` per datagram.
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn poll_send_batch(
         &self,
         cx: &mut Context<'_>,
         transmits: &[Transmit<'_>],
@@ -506,6 +550,34 @@ impl Transport for UdpTransport {
             }
         }
         Poll::Ready(Ok(sent))
+    }
+}
+
+impl Transport for UdpTransport {
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        if bufs.is_empty() || meta.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if let Some(error) = self.state.take_deferred_error() {
+            return Poll::Ready(Err(error));
+        }
+        self.poll_recv_batch(cx, bufs, meta)
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        transmits: &[Transmit<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if transmits.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.poll_send_batch(cx, transmits)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

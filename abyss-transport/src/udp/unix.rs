@@ -1,26 +1,12 @@
-//! `recvmsg`/`sendmsg` through nix: truncation flag, destination address
-//! (Linux `IP_PKTINFO` / `IPV6_RECVPKTINFO`), source address on send, and the
-//! kernel drop counter (Linux `SO_RXQ_OVFL`).
+//! Socket set-up shared by every unix, per-socket receive state, and the
+//! one-datagram-per-call `recvmsg`/`sendmsg` path (through nix) used where
+//! `recvmmsg`/`sendmmsg` are not available.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg,
-};
-
-use crate::RecvMeta;
-use crate::Transmit;
-
-/// Room for the control messages we ask for: `in6_pktinfo`, `in_pktinfo`
-/// (dual-stack sockets can get either) and the drop counter, with headers.
-/// `align(8)` keeps the buffer aligned for `cmsghdr`.
-#[repr(C, align(8))]
-struct ControlBuffer([u8; 128]);
 
 /// Per-socket state shared by receive calls.
 #[derive(Debug)]
@@ -41,6 +27,7 @@ impl State {
         }
     }
 
+    #[cfg_attr(any(target_os = "linux", target_os = "android"), allow(dead_code))]
     pub(super) fn defer_error(&self, error: io::Error) {
         *self.deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
@@ -50,6 +37,11 @@ impl State {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    pub(super) fn set_kernel_drops(&self, drops: u32) {
+        self.drops.store(u64::from(drops), Ordering::Relaxed);
     }
 
     #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -84,132 +76,71 @@ pub(super) fn enable_metadata(_socket: &socket2::Socket, _addr: SocketAddr) -> i
     Ok(())
 }
 
-/// Receives one datagram with `recvmsg`.
-pub(super) fn recv(
-    socket: &impl AsRawFd,
-    state: &State,
-    buf: &mut IoSliceMut<'_>,
-    meta: &mut RecvMeta,
-) -> io::Result<()> {
-    let mut control = ControlBuffer([0; 128]);
-    let msg = recvmsg::<SockaddrStorage>(
-        socket.as_raw_fd(),
-        std::slice::from_mut(buf),
-        Some(&mut control.0),
-        MsgFlags::empty(),
-    )?;
-    let peer = msg
-        .address
-        .as_ref()
-        .and_then(to_socket_addr)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "datagram without a source"))?;
-    *meta = RecvMeta::new(peer, msg.bytes);
-    meta.truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
-    // A truncated control buffer only loses metadata, never the datagram.
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for cmsg in cmsgs {
-            read_control(cmsg, state, meta);
-        }
-    }
-    Ok(())
-}
-
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn read_control(cmsg: ControlMessageOwned, state: &State, meta: &mut RecvMeta) {
-    match cmsg {
-        ControlMessageOwned::Ipv4PacketInfo(info) => {
-            meta.dst_ip = Some(IpAddr::from(info.ipi_addr.s_addr.to_ne_bytes()));
-        }
-        ControlMessageOwned::Ipv6PacketInfo(info) => {
-            meta.dst_ip = Some(IpAddr::from(info.ipi6_addr.s6_addr));
-        }
-        ControlMessageOwned::RxqOvfl(drops) => {
-            state.drops.store(u64::from(drops), Ordering::Relaxed);
-        }
-        _ => {}
-    }
-}
-
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn read_control(_cmsg: ControlMessageOwned, _state: &State, _meta: &mut RecvMeta) {}
+pub(super) use plain::{recv, send};
 
-/// Sends one datagram with `sendmsg`, from `transmit.src_ip` when the socket
-/// is bound to a wildcard address and the system supports choosing it.
-pub(super) fn send(
-    socket: &impl AsRawFd,
-    local: SocketAddr,
-    transmit: &Transmit<'_>,
-) -> io::Result<()> {
-    let destination = SockaddrStorage::from(transmit.destination);
-    let iov = [IoSlice::new(transmit.contents)];
-    let fd = socket.as_raw_fd();
-    let source = transmit
-        .src_ip
-        .filter(|ip| local.ip().is_unspecified() && super::usable_source(*ip));
-    match source {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        Some(src) => send_from(fd, &iov, &destination, local, src),
-        _ => sendmsg(fd, &iov, &[], MsgFlags::empty(), Some(&destination))
-            .map(drop)
-            .map_err(io::Error::from),
+/// One datagram per system call, without destination addresses.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod plain {
+    use std::io::{self, IoSlice, IoSliceMut};
+    use std::net::SocketAddr;
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{MsgFlags, SockaddrStorage, recvmsg, sendmsg};
+
+    use super::State;
+    use crate::{RecvMeta, Transmit};
+
+    /// Receives one datagram with `recvmsg`, flagging truncation.
+    pub(in super::super) fn recv(
+        socket: &impl AsRawFd,
+        _state: &State,
+        buf: &mut IoSliceMut<'_>,
+        meta: &mut RecvMeta,
+    ) -> io::Result<()> {
+        let msg = recvmsg::<SockaddrStorage>(
+            socket.as_raw_fd(),
+            std::slice::from_mut(buf),
+            None,
+            MsgFlags::empty(),
+        )?;
+        let peer = msg
+            .address
+            .as_ref()
+            .and_then(to_socket_addr)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "datagram without a source")
+            })?;
+        *meta = RecvMeta::new(peer, msg.bytes);
+        meta.truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+        Ok(())
     }
-}
 
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn send_from(
-    fd: std::os::fd::RawFd,
-    iov: &[IoSlice<'_>],
-    destination: &SockaddrStorage,
-    local: SocketAddr,
-    src: IpAddr,
-) -> io::Result<()> {
-    let flags = MsgFlags::empty();
-    let sent = match (local, src) {
-        (SocketAddr::V4(_), IpAddr::V4(ip)) => {
-            let info = libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(ip.octets()),
-                },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            sendmsg(
-                fd,
-                iov,
-                &[ControlMessage::Ipv4PacketInfo(&info)],
-                flags,
-                Some(destination),
-            )
-        }
-        (SocketAddr::V6(_), ip) => {
-            let ip = match ip {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                IpAddr::V6(v6) => v6,
-            };
-            let info = libc::in6_pktinfo {
-                ipi6_addr: libc::in6_addr {
-                    s6_addr: ip.octets(),
-                },
-                ipi6_ifindex: 0,
-            };
-            sendmsg(
-                fd,
-                iov,
-                &[ControlMessage::Ipv6PacketInfo(&info)],
-                flags,
-                Some(destination),
-            )
-        }
-        // An IPv4 socket cannot send from an IPv6 address: let the system pick.
-        (SocketAddr::V4(_), IpAddr::V6(_)) => sendmsg(fd, iov, &[], flags, Some(destination)),
-    };
-    sent.map(drop).map_err(io::Error::from)
-}
-
-fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
+    /// Sends one datagram with `sendmsg`; the source address is the
+    /// system's choice.
+    pub(in super::super) fn send(
+        socket: &impl AsRawFd,
+        _local: SocketAddr,
+        transmit: &Transmit<'_>,
+    ) -> io::Result<()> {
+        let destination = SockaddrStorage::from(transmit.destination);
+        let iov = [IoSlice::new(transmit.contents)];
+        sendmsg(
+            socket.as_raw_fd(),
+            &iov,
+            &[],
+            MsgFlags::empty(),
+            Some(&destination),
+        )
+        .map(drop)
+        .map_err(io::Error::from)
     }
-    addr.as_sockaddr_in6()
-        .map(|v6| SocketAddr::V6((*v6).into()))
+
+    fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+        if let Some(v4) = addr.as_sockaddr_in() {
+            return Some(SocketAddr::V4((*v4).into()));
+        }
+        addr.as_sockaddr_in6()
+            .map(|v6| SocketAddr::V6((*v6).into()))
+    }
 }

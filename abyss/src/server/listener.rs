@@ -92,6 +92,30 @@ pin_project! {
     }
 }
 
+/// A service future that had to wait, in the box it was first polled in.
+struct Staged<F>(Pin<Box<Option<InFlight<F>>>>);
+
+impl<F, R, E> Future for Staged<F>
+where
+    F: Future<Output = Result<R, E>>,
+    R: IntoReply,
+    E: Into<BoxError>,
+{
+    type Output = Done;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done> {
+        let in_flight = self
+            .0
+            .as_mut()
+            .as_pin_mut()
+            .expect("a staged future is never empty");
+        let done = ready!(in_flight.poll(cx));
+        // Drop the finished future now rather than with the task node.
+        self.0.as_mut().set(None);
+        Poll::Ready(done)
+    }
+}
+
 enum Finished {
     Reply(Option<Bytes>),
     Failed(BoxError),
@@ -205,7 +229,9 @@ pub(crate) struct Listener<S, F> {
     max_transmit: usize,
     arena: BytesMut,
     pending: VecDeque<Received>,
-    in_flight: FuturesUnordered<InFlight<F>>,
+    in_flight: FuturesUnordered<Staged<F>>,
+    /// Where a new service future is first polled; see `dispatch`.
+    staging: Pin<Box<Option<InFlight<F>>>>,
     outbox: VecDeque<Outgoing>,
     kernel_drops_base: u64,
     recv_log: LogGate,
@@ -251,6 +277,7 @@ where
             arena: BytesMut::new(),
             pending: VecDeque::new(),
             in_flight: FuturesUnordered::new(),
+            staging: Box::pin(None),
             outbox: VecDeque::new(),
             kernel_drops_base,
             recv_log: LogGate::default(),
@@ -339,7 +366,7 @@ where
                 }
                 let received = self.pending.pop_front().expect("pending is not empty");
                 match std::mem::replace(&mut self.readiness, Readiness::Unknown) {
-                    Readiness::Ready => self.dispatch(received),
+                    Readiness::Ready => self.dispatch(received, cx),
                     Readiness::Unknown => unreachable!("poll_service_ready leaves a result"),
                     Readiness::Failed(error) => {
                         tracing::debug!(
@@ -478,7 +505,7 @@ where
         }
     }
 
-    fn dispatch(&mut self, received: Received) {
+    fn dispatch(&mut self, received: Received, cx: &mut Context<'_>) {
         let local = SocketAddr::new(
             received.dst_ip.unwrap_or(self.local.ip()),
             self.local.port(),
@@ -491,13 +518,33 @@ where
             SendHandle::new(&self.transport),
         );
         let service = &mut self.service;
-        match catch_unwind(AssertUnwindSafe(|| service.call(request))) {
-            Ok(future) => self.in_flight.push(InFlight {
-                future,
-                peer: received.peer,
-                dst_ip: received.dst_ip,
-            }),
-            Err(panic) => self.panicked(received.peer, &panic_message(&*panic)),
+        let future = match catch_unwind(AssertUnwindSafe(|| service.call(request))) {
+            Ok(future) => future,
+            Err(panic) => return self.panicked(received.peer, &panic_message(&*panic)),
+        };
+        // Poll once in place: a service that answers at once (most do) costs
+        // no allocation. Only a future that has to wait moves, with its box,
+        // into the in-flight set, and a new box takes its place.
+        self.staging.as_mut().set(Some(InFlight {
+            future,
+            peer: received.peer,
+            dst_ip: received.dst_ip,
+        }));
+        let polled = self
+            .staging
+            .as_mut()
+            .as_pin_mut()
+            .expect("just staged")
+            .poll(cx);
+        match polled {
+            Poll::Ready(done) => {
+                self.staging.as_mut().set(None);
+                self.finish(done);
+            }
+            Poll::Pending => {
+                let waiting = std::mem::replace(&mut self.staging, Box::pin(None));
+                self.in_flight.push(Staged(waiting));
+            }
         }
     }
 

@@ -1,0 +1,105 @@
+//! Counts heap allocations while a server answers datagrams: the driver and
+//! the layers must not allocate per datagram.
+//!
+//! The whole process is counted (a global allocator), so this binary holds
+//! this one test only.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use abyss::Server;
+use abyss::middleware::RateQuota;
+use abyss_tests::echo;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: defers to the system allocator; only counts calls.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Round trips from one blocking client; returns the allocations counted
+/// while the measured ones ran.
+fn ping_pong(server: std::net::SocketAddr, warm_up: usize, measured: usize) -> u64 {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    socket.connect(server).unwrap();
+    let mut buf = [0u8; 64];
+    let mut round_trip = |i: usize| {
+        let payload = (i as u64).to_be_bytes();
+        socket.send(&payload).unwrap();
+        let n = socket.recv(&mut buf).expect("a reply within 10 s");
+        assert_eq!(&buf[..n], &payload);
+    };
+    for i in 0..warm_up {
+        round_trip(i);
+    }
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    for i in 0..measured {
+        round_trip(i);
+    }
+    ALLOCATIONS.load(Ordering::SeqCst) - before
+}
+
+#[test]
+fn answering_a_datagram_through_the_full_stack_allocates_nothing() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.block_on(async {
+        Server::bind("127.0.0.1:0".parse().unwrap())
+            .listeners(1)
+            .trace(true)
+            .max_packet_size(512)
+            .rate_limit(RateQuota::per_second(1_000_000))
+            .concurrency_limit(1024)
+            .timeout(Duration::from_secs(5))
+            .serve(echo())
+            .await
+            .unwrap()
+    });
+    let server = handle.local_addr();
+    let measured = 20_000;
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let client = std::thread::spawn(move || {
+        let _ = done.send(ping_pong(server, 2_000, measured));
+    });
+    // Serve until the client reports.
+    let allocations = runtime.block_on(finished).expect("the client finished");
+    client.join().unwrap();
+    println!("{allocations} allocations in {measured} round trips");
+    // The payload arena takes a new 64 KiB block now and then if a reply is
+    // still held when the block runs out; nothing else may allocate.
+    assert!(
+        allocations <= (measured / 1_000) as u64,
+        "{allocations} allocations in {measured} round trips"
+    );
+    assert_eq!(handle.stats().replied, 22_000);
+    runtime.block_on(handle.shutdown());
+}
