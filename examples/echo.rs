@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use abyss::middleware::RateQuota;
-use abyss::{Request, Server};
+use abyss::{Request, Server, UdpOptions};
 use clap::Parser;
 use tower::service_fn;
 
@@ -49,6 +49,19 @@ struct Args {
     /// Drop requests not handled within this many milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Drop datagrams that arrive while this many are being handled.
+    #[arg(long)]
+    concurrency_limit: Option<usize>,
+    /// Handle each datagram in a tracing span (shown with RUST_LOG=abyss=debug).
+    #[arg(long)]
+    trace: bool,
+    /// Receive with UDP GRO (Linux): runs of same-sized datagrams from one
+    /// peer arrive as one buffer.
+    #[arg(long)]
+    gro: bool,
+    /// Serve with no middleware at all (not even the packet-size limit).
+    #[arg(long, conflicts_with_all = ["rate_limit", "timeout_ms", "concurrency_limit", "trace"])]
+    no_layers: bool,
 }
 
 #[tokio::main]
@@ -76,6 +89,16 @@ async fn run(args: Args) -> Result<(), abyss::Error> {
     }
     if let Some(ms) = args.timeout_ms {
         builder = builder.timeout(Duration::from_millis(ms));
+    }
+    if let Some(max) = args.concurrency_limit {
+        builder = builder.concurrency_limit(max);
+    }
+    if args.no_layers {
+        builder = builder.without_packet_size_limit();
+    }
+    builder = builder.trace(args.trace);
+    if args.gro {
+        builder = builder.udp_options(UdpOptions::new().gro(true));
     }
     let echo =
         service_fn(

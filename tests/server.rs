@@ -555,3 +555,38 @@ async fn a_slow_service_leaves_datagrams_in_the_kernel_and_serves_them_later() {
     assert_eq!((stats.received, stats.replied), (100, 100));
     handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_gso_burst_to_a_gro_server_is_answered_datagram_by_datagram() {
+    use abyss::transport::{Transmit, Transport, UdpTransport};
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .udp_options(UdpOptions::new().gro(true))
+        .serve(echo())
+        .await
+        .unwrap();
+    let client = UdpTransport::bind(loopback(), &UdpOptions::new()).unwrap();
+    if client.max_transmit_segments() < 2 {
+        eprintln!("skipped: this kernel has no UDP GSO");
+        return;
+    }
+    // Ten 64-byte datagrams, each with its own first byte, in one transmit.
+    let burst: Vec<u8> = (0..10u8).flat_map(|i| [i; 64]).collect();
+    let mut transmit = Transmit::new(handle.local_addr(), &burst);
+    transmit.segment_size = Some(64);
+    std::future::poll_fn(|cx| client.poll_send(cx, std::slice::from_ref(&transmit)))
+        .await
+        .unwrap();
+    let receiver = client.as_tokio();
+    let mut buf = [0u8; 1024];
+    for i in 0..10u8 {
+        let (n, _) = tokio::time::timeout(PATIENCE, receiver.recv_from(&mut buf))
+            .await
+            .expect("every datagram of the burst is answered")
+            .unwrap();
+        assert_eq!(&buf[..n], &[i; 64][..], "reply {i}");
+    }
+    let stats = wait_for_stats(&handle, "10 replies", |s| s.replied == 10).await;
+    assert_eq!(stats.received, 10, "counted per datagram, not per buffer");
+    handle.shutdown().await;
+}

@@ -82,6 +82,11 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<
     }
 }
 
+/// tracing caches per call site whether anyone listens; tests that swap
+/// thread-local subscribers while another test emits from the same call
+/// sites can see a stale answer, so these run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn serve(payload: &'static [u8]) -> Result<&'static str, BoxError> {
     tracing::info!("handling");
     match payload {
@@ -93,6 +98,7 @@ async fn serve(payload: &'static [u8]) -> Result<&'static str, BoxError> {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn each_datagram_gets_a_span_with_peer_local_and_length_and_no_payload() {
+    let _serial = SERIAL.lock().await;
     let recorder = Recorder::default();
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
@@ -144,6 +150,7 @@ async fn each_datagram_gets_a_span_with_peer_local_and_length_and_no_payload() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn hooks_can_be_closures() {
+    let _serial = SERIAL.lock().await;
     let replies = Arc::new(Mutex::new(Vec::new()));
     let failures = Arc::new(Mutex::new(0));
     let mut service = tower::ServiceBuilder::new()

@@ -94,6 +94,19 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         1
     }
 
+    /// How many datagrams one receive buffer may hold at most (GRO); 1 when
+    /// the transport never coalesces. A caller that sees a value above 1
+    /// gives each buffer 64 KiB and splits it by [`RecvMeta::stride`].
+    fn max_receive_segments(&self) -> usize {
+        1
+    }
+
+    /// How many datagrams one [`Transmit`] may carry at most with
+    /// [`Transmit::segment_size`] (GSO); 1 when the transport cannot.
+    fn max_transmit_segments(&self) -> usize {
+        1
+    }
+
     /// Datagrams the operating system dropped on this endpoint because its
     /// receive queue was full, where the system reports it (Linux
     /// `SO_RXQ_OVFL`, as stamped on the most recent datagram received);

@@ -222,3 +222,57 @@ async fn multicast_sent_on_loopback_reaches_a_member_of_the_group() {
         "sent to the group address"
     );
 }
+
+#[tokio::test]
+async fn a_gso_transmit_reaches_the_peer_as_separate_datagrams() {
+    let sender = bind("127.0.0.1:0", &UdpOptions::new());
+    if sender.max_transmit_segments() < 2 {
+        eprintln!("skipped: this kernel has no UDP GSO");
+        return;
+    }
+    let receiver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let contents: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
+    let mut transmit = Transmit::new(receiver.local_addr().unwrap(), &contents);
+    transmit.segment_size = Some(100);
+    let sent = poll_fn(|cx| sender.poll_send(cx, std::slice::from_ref(&transmit)))
+        .await
+        .unwrap();
+    assert_eq!(sent, 1);
+    let mut buf = [0u8; 512];
+    for expected in [&contents[..100], &contents[100..200], &contents[200..]] {
+        let n = tokio::time::timeout(PATIENCE, receiver.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], expected);
+    }
+}
+
+#[tokio::test]
+async fn a_gro_socket_takes_a_burst_in_one_buffer_with_its_stride() {
+    let receiver = bind("127.0.0.1:0", &UdpOptions::new().gro(true));
+    let sender = bind("127.0.0.1:0", &UdpOptions::new());
+    if receiver.max_receive_segments() < 2 || sender.max_transmit_segments() < 2 {
+        eprintln!("skipped: this kernel has no UDP GRO or GSO");
+        return;
+    }
+    let contents: Vec<u8> = (0..400u32).map(|i| (i / 100) as u8).collect();
+    let mut transmit = Transmit::new(receiver.local_addr().unwrap(), &contents);
+    transmit.segment_size = Some(100);
+    poll_fn(|cx| sender.poll_send(cx, std::slice::from_ref(&transmit)))
+        .await
+        .unwrap();
+    let got = recv_batch(&receiver, 4, 65_535).await;
+    let total: usize = got.iter().map(|(meta, _)| meta.len).sum();
+    assert_eq!(got.len(), 1, "the four datagrams arrive as one buffer");
+    assert_eq!(total, 400);
+    for (meta, payload) in &got {
+        assert_eq!(meta.stride, 100, "{meta:?}");
+        for (i, segment) in payload.chunks(meta.stride).enumerate() {
+            assert!(
+                segment.iter().all(|b| *b == segment[0]),
+                "segment {i} mixes datagrams"
+            );
+        }
+    }
+}

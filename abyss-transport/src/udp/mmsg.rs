@@ -23,9 +23,10 @@ use crate::{RecvMeta, Transmit};
 /// Datagrams moved per system call at most.
 pub(super) const BATCH: usize = 32;
 
-/// Control space per message: `in6_pktinfo` (20 bytes) or `in_pktinfo` (12)
-/// and the drop counter (4), each behind a 16-byte header, rounded up.
-const CONTROL: usize = 96;
+/// Control space per message: `in6_pktinfo` (20 bytes) and `in_pktinfo`
+/// (12), the drop counter (4) and the GRO segment size (4), each behind a
+/// 16-byte header, rounded up.
+const CONTROL: usize = 128;
 
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
@@ -122,6 +123,13 @@ unsafe fn decode_control(header: &libc::msghdr, state: &State, meta: &mut RecvMe
                 // SAFETY: an IPV6_PKTINFO payload is an `in6_pktinfo`.
                 let info = unsafe { ptr::read_unaligned(data.cast::<libc::in6_pktinfo>()) };
                 meta.dst_ip = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+            }
+            (libc::SOL_UDP, libc::UDP_GRO) => {
+                // SAFETY: a UDP_GRO payload is the segment size, an `int`.
+                let stride = unsafe { ptr::read_unaligned(data.cast::<libc::c_int>()) };
+                if stride > 0 {
+                    meta.stride = stride as usize;
+                }
             }
             (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
                 // SAFETY: an SO_RXQ_OVFL payload is a `u32`.

@@ -55,6 +55,41 @@ impl State {
     }
 }
 
+/// How many datagrams one buffer may carry each way (GRO and GSO).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Segments {
+    pub(super) receive: usize,
+    pub(super) transmit: usize,
+}
+
+impl Segments {
+    /// Turns on GRO if asked, and probes GSO the way quinn-udp does (setting
+    /// `UDP_SEGMENT` to 0 succeeds only where the kernel supports it).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    pub(super) fn enable(socket: &socket2::Socket, gro: bool, gso: bool) -> Self {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let receive = if gro && setsockopt(socket, sockopt::UdpGroSegment, &true).is_ok() {
+            64
+        } else {
+            1
+        };
+        let transmit = if gso && setsockopt(socket, sockopt::UdpGsoSegment, &0).is_ok() {
+            64
+        } else {
+            1
+        };
+        Self { receive, transmit }
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    pub(super) fn enable(_socket: &socket2::Socket, _gro: bool, _gso: bool) -> Self {
+        Self {
+            receive: 1,
+            transmit: 1,
+        }
+    }
+}
+
 /// Asks the kernel for the destination address and the drop counter.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(super) fn enable_metadata(socket: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {

@@ -32,11 +32,18 @@ const CONNECTION: &str = "abyss::connection";
 const BUDGET: usize = 256;
 /// Most datagrams received or sent in one transport call.
 const MAX_BATCH: usize = 32;
-/// Receive scratch space a listener keeps (slots of `max_datagram_size`).
+/// Receive scratch space a listener keeps (slots of `max_datagram_size`,
+/// or of 64 KiB when the transport coalesces with GRO).
 const SCRATCH_BYTES: usize = 1 << 20;
 /// Payloads are copied into shared blocks of this size, so a small datagram
 /// costs no allocation of its own.
 const ARENA_BYTES: usize = 64 * 1024;
+/// A GRO buffer holds up to 64 KiB of coalesced datagrams.
+const GRO_SLOT: usize = 65_535;
+/// The most payload one GSO transmit carries.
+const GSO_MAX_BYTES: usize = 65_000;
+/// Replies copied into one send buffer per flush, for GSO.
+const GSO_BUFFER: usize = 256 * 1024;
 
 /// Tells a listener to stop reading and drain.
 #[derive(Debug, Default)]
@@ -224,9 +231,18 @@ pub(crate) struct Listener<S, F> {
     /// Reads are paused at the in-flight cap (counted once per pause).
     paused: bool,
     scratch: Vec<u8>,
+    /// Bytes per receive buffer in `scratch`.
+    slot: usize,
+    /// Datagrams one receive buffer may hold (GRO), 1 without.
+    receive_segments: usize,
     metas: Vec<RecvMeta>,
     batch: usize,
     max_transmit: usize,
+    /// Datagrams one transmit may carry (GSO), 1 without or once the path
+    /// has refused it.
+    transmit_segments: usize,
+    /// Where replies to one peer are laid end to end for GSO.
+    gso_buffer: Vec<u8>,
     arena: BytesMut,
     pending: VecDeque<Received>,
     in_flight: FuturesUnordered<Staged<F>>,
@@ -254,7 +270,13 @@ where
         settings: Settings,
     ) -> std::io::Result<Self> {
         let local = transport.local_addr()?;
-        let slot = settings.max_datagram_size;
+        let receive_segments = transport.max_receive_segments().max(1);
+        let slot = if receive_segments > 1 {
+            GRO_SLOT
+        } else {
+            settings.max_datagram_size
+        };
+        let transmit_segments = transport.max_transmit_segments().max(1);
         let batch = transport
             .max_receive_batch()
             .clamp(1, MAX_BATCH)
@@ -271,6 +293,14 @@ where
             readiness: Readiness::Unknown,
             paused: false,
             scratch: vec![0; batch * slot],
+            slot,
+            receive_segments,
+            transmit_segments,
+            gso_buffer: if transmit_segments > 1 {
+                Vec::with_capacity(GSO_BUFFER)
+            } else {
+                Vec::new()
+            },
             metas: vec![RecvMeta::default(); batch],
             batch,
             max_transmit,
@@ -433,8 +463,13 @@ where
             return false;
         }
 
-        let slot = self.settings.max_datagram_size;
-        let want = room.min(self.batch).min(*budget);
+        let slot = self.slot;
+        // With GRO one buffer may hold many datagrams: the cap can then be
+        // passed by at most one buffer's worth.
+        let want = room
+            .div_ceil(self.receive_segments)
+            .min(self.batch)
+            .min(*budget);
         let mut bufs: [IoSliceMut<'_>; MAX_BATCH] =
             std::array::from_fn(|_| IoSliceMut::new(&mut []));
         for (buf, chunk) in bufs
@@ -471,37 +506,59 @@ where
         }
     }
 
-    /// Takes `n` received datagrams from the scratch space.
+    /// Takes the datagrams in the first `n` receive buffers, splitting GRO
+    /// buffers into their datagrams.
     fn accept(&mut self, n: usize) {
         // One clock read per batch; tokio's clock, so paused test time
         // applies to the layers that measure from it.
         let at = tokio::time::Instant::now().into_std();
-        let slot = self.settings.max_datagram_size;
+        let limit = self.settings.max_datagram_size;
+        let slot = self.slot;
         let counters = &self.counters[self.settings.index];
-        counters.received(n as u64);
+        // Count every datagram received before any is finished, so that a
+        // stats snapshot never sees an outcome without its receipt.
+        let datagrams: usize = self.metas[..n].iter().map(datagrams_in).sum();
+        counters.received(datagrams as u64);
         if let Some(drops) = self.transport.kernel_drops() {
             counters.set_kernel_drops(self.kernel_drops_base + drops);
         }
         for i in 0..n {
             let meta = self.metas[i];
             if meta.truncated {
-                tracing::debug!(target: CONNECTION, peer = %meta.peer, len = meta.len, limit = slot, "datagram truncated; dropped");
+                tracing::debug!(target: CONNECTION, peer = %meta.peer, len = meta.len, limit, "datagram truncated; dropped");
                 counters.finished(Outcome::Truncated, 1);
                 continue;
             }
-            let data = &self.scratch[i * slot..i * slot + meta.len];
-            if self.arena.capacity() < data.len() {
-                self.arena.reserve(ARENA_BYTES.max(data.len()));
+            let buffer = &self.scratch[i * slot..i * slot + meta.len];
+            let stride = if meta.stride == 0 {
+                meta.len
+            } else {
+                meta.stride
+            };
+            let segments = buffer.chunks(stride.max(1));
+            // An empty datagram is a datagram too.
+            let empty = (meta.len == 0).then_some(&buffer[..0]);
+            for data in segments.chain(empty) {
+                if data.len() > limit {
+                    // Only a GRO buffer, which is larger than the limit, can
+                    // hold one: treat it as the kernel would have.
+                    tracing::debug!(target: CONNECTION, peer = %meta.peer, len = data.len(), limit, "datagram over max_datagram_size; dropped");
+                    counters.finished(Outcome::Truncated, 1);
+                    continue;
+                }
+                if self.arena.capacity() < data.len() {
+                    self.arena.reserve(ARENA_BYTES.max(data.len()));
+                }
+                self.arena.extend_from_slice(data);
+                let payload = self.arena.split().freeze();
+                tracing::trace!(target: CONNECTION, peer = %meta.peer, len = data.len(), "recv");
+                self.pending.push_back(Received {
+                    peer: meta.peer,
+                    dst_ip: meta.dst_ip,
+                    payload,
+                    at,
+                });
             }
-            self.arena.extend_from_slice(data);
-            let payload = self.arena.split().freeze();
-            tracing::trace!(target: CONNECTION, peer = %meta.peer, len = meta.len, "recv");
-            self.pending.push_back(Received {
-                peer: meta.peer,
-                dst_ip: meta.dst_ip,
-                payload,
-                at,
-            });
         }
     }
 
@@ -590,28 +647,67 @@ where
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         while !self.outbox.is_empty() {
-            let n = self.outbox.len().min(self.max_transmit);
-            let unused = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-            let transmits: [Transmit<'_>; MAX_BATCH] =
-                std::array::from_fn(|i| match self.outbox.get(i) {
-                    Some(out) if i < n => {
-                        Transmit::new(out.destination, &out.payload).with_src_ip(out.src_ip)
+            // Plan up to `max_transmit` transmits; with GSO a transmit
+            // carries a run of replies to one peer (same size, the last may
+            // be shorter), laid end to end in the GSO buffer.
+            let mut covers = [1usize; MAX_BATCH];
+            let mut spans: [Option<(usize, usize)>; MAX_BATCH] = [None; MAX_BATCH];
+            let mut count = 0;
+            let mut next = 0;
+            self.gso_buffer.clear();
+            while count < self.max_transmit && next < self.outbox.len() {
+                let run = self.gso_run(next);
+                if run > 1 {
+                    let start = self.gso_buffer.len();
+                    for out in self.outbox.range(next..next + run) {
+                        self.gso_buffer.extend_from_slice(&out.payload);
                     }
-                    _ => Transmit::new(unused, &[]),
-                });
-            let polled = self.transport.poll_send(cx, &transmits[..n]);
+                    spans[count] = Some((start, self.gso_buffer.len()));
+                }
+                covers[count] = run;
+                next += run;
+                count += 1;
+            }
+            let unused = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+            let mut first = 0;
+            let transmits: [Transmit<'_>; MAX_BATCH] = std::array::from_fn(|k| {
+                if k >= count {
+                    return Transmit::new(unused, &[]);
+                }
+                let out = &self.outbox[first];
+                first += covers[k];
+                match spans[k] {
+                    Some((start, end)) => {
+                        let mut transmit =
+                            Transmit::new(out.destination, &self.gso_buffer[start..end])
+                                .with_src_ip(out.src_ip);
+                        transmit.segment_size = Some(out.payload.len());
+                        transmit
+                    }
+                    None => Transmit::new(out.destination, &out.payload).with_src_ip(out.src_ip),
+                }
+            });
+            let polled = self.transport.poll_send(cx, &transmits[..count]);
             match polled {
                 Poll::Pending => break,
                 Poll::Ready(Ok(sent)) if sent > 0 => {
-                    for out in self.outbox.drain(..sent.min(n)) {
+                    let replies: usize = covers[..sent.min(count)].iter().sum();
+                    for out in self.outbox.drain(..replies) {
                         tracing::trace!(target: CONNECTION, peer = %out.destination, len = out.payload.len(), "send");
                     }
-                    self.counters()
-                        .finished(Outcome::Replied, sent.min(n) as u64);
+                    self.counters().finished(Outcome::Replied, replies as u64);
+                }
+                Poll::Ready(Err(error)) if spans[0].is_some() && gso_refused(&error) => {
+                    // This path cannot segment (no checksum offload on the
+                    // device, say): send one datagram per transmit from now on.
+                    tracing::debug!(target: LISTENER, listener = self.settings.index, %error, "GSO refused; sending datagrams one by one");
+                    self.transmit_segments = 1;
                 }
                 Poll::Ready(result) => {
-                    let out = self.outbox.pop_front().expect("outbox is not empty");
-                    self.counters().finished(Outcome::SendFailed, 1);
+                    let failed = covers[0];
+                    let peer = self.outbox[0].destination;
+                    self.outbox.drain(..failed);
+                    self.counters().finished(Outcome::SendFailed, failed as u64);
                     if let Some(suppressed) = self.send_log.allow() {
                         let error = match result {
                             Err(error) => error.to_string(),
@@ -619,7 +715,7 @@ where
                         };
                         tracing::warn!(
                             target: CONNECTION,
-                            peer = %out.destination,
+                            peer = %peer,
                             error,
                             suppressed,
                             "send failed; reply dropped"
@@ -631,6 +727,58 @@ where
         }
         progress
     }
+
+    /// How many replies from `outbox[start]` on can go as one GSO transmit:
+    /// same peer and source, same size, the last possibly shorter.
+    fn gso_run(&self, start: usize) -> usize {
+        if self.transmit_segments < 2 {
+            return 1;
+        }
+        let first = &self.outbox[start];
+        let size = first.payload.len();
+        if size == 0 {
+            return 1;
+        }
+        let limit = self
+            .transmit_segments
+            .min(GSO_MAX_BYTES / size)
+            .min((GSO_BUFFER - self.gso_buffer.len()) / size);
+        let mut run = 1;
+        while run < limit {
+            let Some(next) = self.outbox.get(start + run) else {
+                break;
+            };
+            if next.destination != first.destination
+                || next.src_ip != first.src_ip
+                || next.payload.len() > size
+            {
+                break;
+            }
+            run += 1;
+            if next.payload.len() < size {
+                break;
+            }
+        }
+        run
+    }
+}
+
+/// Whether a send error means the path cannot do GSO.
+fn gso_refused(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(code) if code == 5 /* EIO */ || code == 22 /* EINVAL */)
+}
+
+/// How many datagrams a receive buffer holds.
+fn datagrams_in(meta: &RecvMeta) -> usize {
+    if meta.truncated || meta.len == 0 {
+        return 1;
+    }
+    let stride = if meta.stride == 0 {
+        meta.len
+    } else {
+        meta.stride
+    };
+    meta.len.div_ceil(stride)
 }
 
 #[cfg(test)]
