@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Reproduces the table in BENCHMARKS.md: Abyss's echo against the plain tokio
-# loop (examples/baseline_echo.rs) and a C recvmmsg/sendmmsg echo, all
-# measured in the same run on loopback.
+# Reproduces the tables in BENCHMARKS.md: Abyss's echo against the plain
+# tokio loop (examples/baseline_echo.rs) and a C recvmmsg/sendmmsg echo
+# (bench/c_echo.c), all measured in the same run on loopback.
 #
-#   bench/run.sh [RUNS] [SECONDS]      (defaults: 3 runs of 10 s each)
+#   bench/run.sh [RUNS] [SECONDS]      (defaults: 5 runs of 5 s each)
 #
-# Servers are pinned to cpu 1 and the load generator to cpu 0 with taskset;
-# each figure is the median of RUNS runs, and runs of different servers are
-# interleaved so drift hits them all alike. Needs gcc and taskset.
+# Servers are pinned to one cpu and the load generator to another with
+# taskset (SERVER_CPU, CLIENT_CPU; defaults 1 and 0). Each figure is the
+# median of RUNS runs; runs of different servers are interleaved so that
+# drift hits them all alike. Needs gcc, taskset and ss.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=${1:-3}
-seconds=${2:-10}
+runs=${1:-5}
+seconds=${2:-5}
 server_cpu=${SERVER_CPU:-1}
 client_cpu=${CLIENT_CPU:-0}
 
@@ -34,51 +35,75 @@ start() { # port, command...
     echo "server on port $port did not start" >&2; exit 1
 }
 
+full=(--trace --max-packet-size 8192 --rate-limit 1000000000 --timeout-ms 5000 --concurrency-limit 16384)
 start 4100 "$bin/baseline_echo" --bind 127.0.0.1:4100
 start 4101 "$bin/echo" --port 4101 --listeners 1 --no-layers
-start 4102 "$bin/echo" --port 4102 --listeners 1 --trace --max-packet-size 8192 \
-    --rate-limit 1000000000 --timeout-ms 5000 --concurrency-limit 16384
-start 4103 "$bin/echo" --port 4103 --listeners 2 --no-layers
+start 4102 "$bin/echo" --port 4102 --listeners 1 "${full[@]}"
+start 4103 "$bin/echo" --port 4103 --listeners 2 "${full[@]}"
 start 4104 target/release/c_echo 4104
+start 4105 "$bin/echo" --port 4105 --listeners 1 --gro "${full[@]}"
 
-names=([4100]="baseline tokio loop" [4101]="abyss, no layers" [4102]="abyss, full default stack"
-       [4103]="abyss, no layers, 2 listeners on 1 core" [4104]="C recvmmsg/sendmmsg")
-declare -A rate p50 p99
+declare -A names=([4100]="baseline: tokio recv_from/send_to loop" [4101]="abyss, no layers"
+    [4102]="abyss, full default stack" [4103]="abyss, full stack, 2 listeners on 1 core"
+    [4104]="C recvmmsg/sendmmsg" [4105]="abyss, full stack, GRO on")
+declare -A results
 load() { # port, extra loadgen flags...
     local port=$1; shift
     taskset -c "$client_cpu" "$bin/loadgen" --target "127.0.0.1:$port" --duration "$seconds" --warmup 1 --json "$@"
 }
 field() { sed -E "s/.*\"$1\":([0-9.]+).*/\1/"; }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
+plain=(4100 4101 4102 4103 4104)
+gso=(4100 4101 4102 4105 4104)
+pingpong=(4100 4101 4102)
 for run in $(seq "$runs"); do
-    for port in 4100 4101 4102 4103 4104; do
+    for port in "${plain[@]}"; do
         out=$(load "$port" --sockets 8 --window 16)
-        rate[$port]+="$(echo "$out" | field replies_per_second) "
-        echo "run $run ${names[$port]}: $out" >&2
+        results[plain,$port]+="$(echo "$out" | field replies_per_second) "
+        echo "run $run plain ${names[$port]}: $out" >&2
     done
-    for port in 4100 4102; do
+    for port in "${gso[@]}"; do
+        out=$(load "$port" --sockets 8 --window 16 --gso)
+        results[gso,$port]+="$(echo "$out" | field replies_per_second) "
+        echo "run $run gso ${names[$port]}: $out" >&2
+    done
+    for port in "${pingpong[@]}"; do
         out=$(load "$port" --ping-pong)
-        p50[$port]+="$(echo "$out" | field p50_us) "
-        p99[$port]+="$(echo "$out" | field p99_us) "
+        results[p50,$port]+="$(echo "$out" | field p50_us) "
+        results[p99,$port]+="$(echo "$out" | field p99_us) "
         echo "run $run ping-pong ${names[$port]}: $out" >&2
     done
 done
 
-base=$(echo "${rate[4100]}" | tr ' ' '\n' | grep . | median)
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+table() { # load name, ports...
+    local load=$1; shift
+    local base; base=$(echo "${results[$load,4100]}" | median)
+    local c; c=$(echo "${results[$load,4104]}" | median)
+    echo "| server | replies/s | to baseline | to C |"
+    echo "| --- | ---: | ---: | ---: |"
+    for port in "$@"; do
+        local m; m=$(echo "${results[$load,$port]}" | median)
+        echo "| ${names[$port]} | $m | $(ratio "$m" "$base") | $(ratio "$m" "$c") |"
+    done
+}
 echo
-echo "| server | replies/s (median of $runs x ${seconds}s) | ratio to baseline |"
-echo "| --- | ---: | ---: |"
-for port in 4100 4101 4102 4103 4104; do
-    m=$(echo "${rate[$port]}" | tr ' ' '\n' | grep . | median)
-    echo "| ${names[$port]} | $m | $(awk -v a="$m" -v b="$base" 'BEGIN {printf "%.2f", a / b}') |"
-done
+echo "Load A: 8 sockets x 16 in flight, 64-byte datagrams, one sendmmsg per socket refill (median of $runs x ${seconds}s)"
 echo
-echo "| ping-pong (1 in flight) | p50 us | p99 us | p99 ratio to baseline |"
+table plain "${plain[@]}"
+echo
+echo "Load B: the same, each refill sent as one GSO super-datagram, so the generator spends less CPU than the server (median of $runs x ${seconds}s)"
+echo
+table gso "${gso[@]}"
+echo
+echo "Ping-pong: 1 socket, 1 in flight (median of $runs x ${seconds}s)"
+echo
+echo "| server | p50 us | p99 us | p99 to baseline |"
 echo "| --- | ---: | ---: | ---: |"
-base99=$(echo "${p99[4100]}" | tr ' ' '\n' | grep . | median)
-for port in 4100 4102; do
-    m50=$(echo "${p50[$port]}" | tr ' ' '\n' | grep . | median)
-    m99=$(echo "${p99[$port]}" | tr ' ' '\n' | grep . | median)
-    echo "| ${names[$port]} | $m50 | $m99 | $(awk -v a="$m99" -v b="$base99" 'BEGIN {printf "%.2f", a / b}') |"
+base99=$(echo "${results[p99,4100]}" | median)
+for port in "${pingpong[@]}"; do
+    m50=$(echo "${results[p50,$port]}" | median)
+    m99=$(echo "${results[p99,$port]}" | median)
+    echo "| ${names[$port]} | $m50 | $m99 | $(ratio "$m99" "$base99") |"
 done

@@ -406,11 +406,16 @@ impl Bind for UdpOptions {
 /// adopted with [`UdpTransport::from_std`]. Must be created inside a tokio
 /// runtime.
 ///
-/// On unix it reads with `recvmsg`, so a datagram longer than the buffer is
-/// reported as [`truncated`](RecvMeta::truncated). On Linux it also reports
-/// the destination address of each datagram and, when bound to a wildcard
-/// address, sends from the [`src_ip`](Transmit::src_ip) it is given, so a
-/// multi-homed server answers from the address it was asked on.
+/// On Linux it moves up to 32 datagrams per system call (`recvmmsg`,
+/// `sendmmsg`), reports a datagram longer than its buffer as
+/// [`truncated`](RecvMeta::truncated), reports the destination address of
+/// each datagram and, when bound to a wildcard address, sends from the
+/// [`src_ip`](Transmit::src_ip) it is given, so a multi-homed server answers
+/// from the address it was asked on. It sends GSO transmits where the kernel
+/// supports them and, with [`UdpOptions::gro`], receives GRO buffers. On
+/// other unix systems it reads and writes one datagram per call with
+/// `recvmsg`/`sendmsg` (truncation still detected), without destination
+/// addresses, GSO or GRO.
 #[derive(Debug)]
 pub struct UdpTransport {
     io: tokio::net::UdpSocket,
