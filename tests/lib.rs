@@ -90,3 +90,9 @@ pub fn assert_accounted(stats: &Stats) {
         "received must equal replied + no_reply + dropped + in_flight: {stats:?}"
     );
 }
+
+/// The counters once nothing is in flight: a reply reaches its client
+/// before the server has counted it, so tests wait for the count.
+pub async fn settled(handle: &ServerHandle) -> Stats {
+    wait_for_stats(handle, "nothing in flight", |s| s.in_flight == 0).await
+}

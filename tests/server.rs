@@ -8,7 +8,7 @@ use std::time::Duration;
 use abyss::transport::{MulticastV4, UdpOptions};
 use abyss::{Request, Server};
 use abyss_tests::{
-    PATIENCE, ask, assert_accounted, client, client_on, echo, recv_within, wait_for_stats,
+    PATIENCE, ask, assert_accounted, client, client_on, echo, recv_within, settled, wait_for_stats,
 };
 use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
@@ -131,7 +131,7 @@ async fn a_panicking_handler_leaves_the_server_serving_and_is_counted() {
     let stats = wait_for_stats(&handle, "10 panics", |s| s.dropped.panicked == 10).await;
     assert_accounted(&stats);
     assert_eq!(ask(&socket, server, b"still there?").await, b"still there?");
-    let stats = handle.stats();
+    let stats = settled(&handle).await;
     assert_eq!(
         (stats.dropped.panicked, stats.replied, stats.received),
         (10, 1, 11)
@@ -157,7 +157,7 @@ async fn an_erroring_handler_leaves_the_server_serving_and_is_counted() {
     .await;
     assert_accounted(&stats);
     assert_eq!(ask(&socket, server, b"ok").await, b"ok");
-    let stats = handle.stats();
+    let stats = settled(&handle).await;
     assert_eq!(
         (stats.dropped.handler_error, stats.replied, stats.received),
         (10, 1, 11)
@@ -340,7 +340,7 @@ async fn a_datagram_larger_than_the_receive_buffer_is_dropped_and_counted_as_tru
     // The next reply is the exact-fit datagram's, not a cut-down copy of the
     // ones before it.
     assert_eq!(ask(&socket, server, &[1u8; 512]).await, vec![1u8; 512]);
-    let stats = handle.stats();
+    let stats = settled(&handle).await;
     assert_eq!(
         (stats.received, stats.replied, stats.dropped.truncated),
         (3, 1, 2)
@@ -551,7 +551,7 @@ async fn a_slow_service_leaves_datagrams_in_the_kernel_and_serves_them_later() {
         }
     }
     assert_eq!(replies, 100);
-    let stats = handle.stats();
+    let stats = settled(&handle).await;
     assert_eq!((stats.received, stats.replied), (100, 100));
     handle.shutdown().await;
 }
