@@ -140,32 +140,33 @@ async fn run(args: Args) -> Result<(), std::io::Error> {
     let histogram = total.histogram.expect("set above");
     let per_second = total.replies as f64 / args.duration;
     let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    if args.json {
-        println!(
-            "{{\"replies_per_second\":{per_second:.0},\"sent\":{},\"replies\":{},\"lost\":{},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"sockets\":{},\"window\":{},\"size\":{}}}",
-            total.sent,
-            total.replies,
-            total.lost,
-            us(0.5),
-            us(0.99),
-            us(0.999),
-            args.sockets,
-            args.window,
-            args.size
-        );
+    let fields = [
+        ("replies_per_second", format!("{per_second:.0}")),
+        ("sent", total.sent.to_string()),
+        ("replies", total.replies.to_string()),
+        ("lost", total.lost.to_string()),
+        ("p50_us", format!("{:.1}", us(0.5))),
+        ("p99_us", format!("{:.1}", us(0.99))),
+        ("p999_us", format!("{:.1}", us(0.999))),
+        ("sockets", args.sockets.to_string()),
+        ("window", args.window.to_string()),
+        ("size", args.size.to_string()),
+    ];
+    let line: Vec<String> = if args.json {
+        fields
+            .iter()
+            .map(|(name, value)| format!("\"{name}\":{value}"))
+            .collect()
     } else {
-        println!(
-            "replies/s={per_second:.0} sent={} replies={} lost={} p50={:.1}us p99={:.1}us p999={:.1}us (sockets={} window={} size={})",
-            total.sent,
-            total.replies,
-            total.lost,
-            us(0.5),
-            us(0.99),
-            us(0.999),
-            args.sockets,
-            args.window,
-            args.size
-        );
+        fields
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect()
+    };
+    if args.json {
+        println!("{{{}}}", line.join(","));
+    } else {
+        println!("{}", line.join(" "));
     }
     Ok(())
 }
