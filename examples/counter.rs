@@ -41,7 +41,7 @@ async fn main() -> std::process::ExitCode {
     abyss_examples::report(run(Args::parse()).await)
 }
 
-async fn run(args: Args) -> Result<(), abyss::Error> {
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let sessions = Sessions::builder(|_peer| Counter(0))
         .idle_timeout(Duration::from_secs(args.idle_secs))
         .build()?;

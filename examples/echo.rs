@@ -70,7 +70,7 @@ async fn main() -> std::process::ExitCode {
     abyss_examples::report(run(Args::parse()).await)
 }
 
-async fn run(args: Args) -> Result<(), abyss::Error> {
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = Server::builder()
         .address(args.bind)
         .port(args.port)

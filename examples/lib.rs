@@ -1,6 +1,8 @@
 //! Helpers shared by the example programs: logging set-up from `RUST_LOG`,
 //! the shutdown signal, and the one-line stats summary.
 
+pub mod dns;
+
 use std::fmt::Write as _;
 
 use abyss::Stats;
@@ -90,7 +92,7 @@ pub fn stats_line(stats: &Stats) -> String {
 
 /// Turns a program's result into its exit status, printing the error (with
 /// its causes) on stderr.
-pub fn report<E: std::error::Error>(result: Result<(), E>) -> std::process::ExitCode {
+pub fn report<E: std::error::Error + ?Sized>(result: Result<(), Box<E>>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

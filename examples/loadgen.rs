@@ -97,7 +97,7 @@ fn main() -> std::process::ExitCode {
     abyss_examples::report(runtime.block_on(run(args)))
 }
 
-async fn run(args: Args) -> Result<(), std::io::Error> {
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let measure_until = measure_from + Duration::from_secs_f64(args.duration);

@@ -338,10 +338,10 @@ impl UdpOptions {
         if let Some(bytes) = self.send_buffer_size {
             socket.set_send_buffer_size(bytes)?;
         }
-        if addr.is_ipv6() {
-            if let Some(on) = self.only_v6 {
-                socket.set_only_v6(on)?;
-            }
+        if addr.is_ipv6()
+            && let Some(on) = self.only_v6
+        {
+            socket.set_only_v6(on)?;
         }
         if let Some(name) = &self.bind_device {
             socket.bind_device(Some(name.as_bytes()))?;

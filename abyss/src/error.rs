@@ -58,13 +58,12 @@ impl Error {
     pub(crate) fn bind(addr: SocketAddr, source: io::Error) -> Self {
         // A transport that validates its options late reports them as an
         // InvalidInput error wrapping OptionsError: keep it typed.
-        if source.kind() == io::ErrorKind::InvalidInput {
-            if let Some(options) = source
+        if source.kind() == io::ErrorKind::InvalidInput
+            && let Some(options) = source
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<OptionsError>())
-            {
-                return Error::Options(options.clone());
-            }
+        {
+            return Error::Options(options.clone());
         }
         Error::Bind { addr, source }
     }
