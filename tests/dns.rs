@@ -56,13 +56,26 @@ host002 IN A   192.0.2.2
 ";
 
 fn start_nsd(dir: &Path) -> Nsd {
+    start_nsd_with(
+        dir,
+        std::net::Ipv4Addr::LOCALHOST,
+        free_port(),
+        &[("example.test", ZONE)],
+    )
+}
+
+/// NSD on `ip`:`port` serving `zones` (name, zone file text).
+fn start_nsd_with(dir: &Path, ip: std::net::Ipv4Addr, port: u16, zones: &[(&str, &str)]) -> Nsd {
     std::fs::create_dir_all(dir).unwrap();
-    let port = free_port();
-    std::fs::write(dir.join("example.test.zone"), ZONE).unwrap();
-    let conf = format!(
-        "server:\n  ip-address: 127.0.0.1@{port}\n  zonesdir: \"{d}\"\n  username: \"\"\n  chroot: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n  database: \"\"\n  verbosity: 0\nremote-control:\n  control-enable: no\nzone:\n  name: example.test\n  zonefile: example.test.zone\n",
+    let mut conf = format!(
+        "server:\n  ip-address: {ip}@{port}\n  zonesdir: \"{d}\"\n  username: \"\"\n  chroot: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n  database: \"\"\n  verbosity: 0\nremote-control:\n  control-enable: no\n",
         d = dir.display()
     );
+    for (i, (name, text)) in zones.iter().enumerate() {
+        let file = format!("zone{i}.zone");
+        std::fs::write(dir.join(&file), text).unwrap();
+        conf.push_str(&format!("zone:\n  name: \"{name}\"\n  zonefile: {file}\n"));
+    }
     std::fs::write(dir.join("nsd.conf"), conf).unwrap();
     let child = Command::new("nsd")
         .args(["-d", "-c"])
@@ -73,22 +86,27 @@ fn start_nsd(dir: &Path) -> Nsd {
         .expect("start nsd");
     Nsd {
         child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        addr: SocketAddr::from((ip, port)),
         dir: dir.to_owned(),
     }
 }
 
 /// `dig` against `server` for `name`, answers only.
 fn dig(server: SocketAddr, name: &str) -> String {
+    dig_type(server, name, "A")
+}
+
+/// `dig` for `name` of type `kind`, answers only.
+fn dig_type(server: SocketAddr, name: &str, kind: &str) -> String {
     let output = Command::new("dig")
         .args([
             &format!("@{}", server.ip()),
             "-p",
             &server.port().to_string(),
             name,
-            "A",
+            kind,
             "+short",
-            "+time=2",
+            "+time=3",
             "+tries=1",
         ])
         .output()
@@ -99,8 +117,13 @@ fn dig(server: SocketAddr, name: &str) -> String {
 /// Asks until the name server answers, for at most PATIENCE (it has no
 /// readiness signal but answering).
 fn wait_until_answering(addr: SocketAddr) {
+    wait_for_soa(addr, "example.test");
+}
+
+/// Asks for the SOA of `zone` until `addr` answers it.
+fn wait_for_soa(addr: SocketAddr, zone: &str) {
     let deadline = std::time::Instant::now() + PATIENCE;
-    while dig(addr, "host001.example.test") != "192.0.2.1" {
+    while dig_type(addr, zone, "SOA").is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "nsd never answered on {addr}"
@@ -278,4 +301,121 @@ async fn spoofed_and_mismatched_upstream_replies_are_ignored() {
         "NOERROR: the genuine reply, not a spoofed NXDOMAIN"
     );
     handle.shutdown().await;
+}
+
+const ROOT_ZONE: &str = ". 300 IN SOA a.root. hostmaster.root. 1 3600 600 86400 300
+. 300 IN NS a.root.
+a.root. 300 IN A 127.0.0.10
+test. 300 IN NS ns.test.
+ns.test. 300 IN A 127.0.0.11
+";
+
+const TEST_ZONE: &str = "$ORIGIN test.
+$TTL 300
+@ IN SOA ns hostmaster 1 3600 600 86400 300
+@ IN NS ns
+ns IN A 127.0.0.11
+example IN NS ns1.example
+ns1.example IN A 127.0.0.12
+; delegated without glue: its name server lives in example.test
+noglue IN NS ns.example.test.
+";
+
+const EXAMPLE_ZONE: &str = "$ORIGIN example.test.
+$TTL 300
+@ IN SOA ns1 hostmaster 1 3600 600 86400 300
+@ IN NS ns1
+ns1 IN A 127.0.0.12
+ns IN A 127.0.0.12
+www IN A 192.0.2.80
+alias IN CNAME www
+";
+
+const NOGLUE_ZONE: &str = "$ORIGIN noglue.test.
+$TTL 300
+@ IN SOA ns.example.test. hostmaster 1 3600 600 86400 300
+@ IN NS ns.example.test.
+host IN A 192.0.2.99
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resolver_walks_root_test_and_example_test_served_by_three_nsd() {
+    use abyss_examples::dns::{Resolver, resolver_service};
+    if skip() {
+        return;
+    }
+    // One port free on all three addresses.
+    let port = (0..50)
+        .map(|_| free_port())
+        .find(|port| {
+            ["127.0.0.10", "127.0.0.11", "127.0.0.12"].iter().all(|ip| {
+                StdUdpSocket::bind((*ip, *port)).is_ok()
+                    && std::net::TcpListener::bind((*ip, *port)).is_ok()
+            })
+        })
+        .expect("a port free on 127.0.0.10-12");
+    let base = std::env::temp_dir().join(format!("abyss-nsd-tree-{}", std::process::id()));
+    let servers = [
+        start_nsd_with(
+            &base.join("root"),
+            [127, 0, 0, 10].into(),
+            port,
+            &[(".", ROOT_ZONE)],
+        ),
+        start_nsd_with(
+            &base.join("test"),
+            [127, 0, 0, 11].into(),
+            port,
+            &[("test", TEST_ZONE)],
+        ),
+        start_nsd_with(
+            &base.join("example"),
+            [127, 0, 0, 12].into(),
+            port,
+            &[("example.test", EXAMPLE_ZONE), ("noglue.test", NOGLUE_ZONE)],
+        ),
+    ];
+    let zones = [
+        (servers[0].addr, "."),
+        (servers[1].addr, "test"),
+        (servers[2].addr, "noglue.test"),
+    ];
+    tokio::task::spawn_blocking(move || {
+        for (addr, zone) in zones {
+            wait_for_soa(addr, zone);
+        }
+    })
+    .await
+    .unwrap();
+
+    let resolver = Arc::new(Resolver::new(
+        vec!["127.0.0.10".parse().unwrap()],
+        port,
+        Duration::from_secs(2),
+    ));
+    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+        .listeners(1)
+        .serve(resolver_service(resolver))
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let answers = tokio::task::spawn_blocking(move || {
+        [
+            dig(server, "www.example.test"),
+            dig(server, "alias.example.test"),
+            dig(server, "host.noglue.test"),
+            dig_type(server, "nothere.example.test", "A"),
+        ]
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers[0], "192.0.2.80", "through root and test. with glue");
+    assert_eq!(
+        answers[1], "www.example.test.\n192.0.2.80",
+        "through a CNAME"
+    );
+    assert_eq!(answers[2], "192.0.2.99", "a delegation without glue");
+    assert_eq!(answers[3], "", "NXDOMAIN has no answer");
+    handle.shutdown().await;
+    drop(servers);
 }
