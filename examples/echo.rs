@@ -55,6 +55,9 @@ struct Args {
     /// Handle each datagram in a tracing span (shown with RUST_LOG=abyss=debug).
     #[arg(long)]
     trace: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Receive with UDP GRO (Linux): runs of same-sized datagrams from one
     /// peer arrive as one buffer.
     #[arg(long)]
@@ -71,6 +74,10 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(addr) = args.metrics {
+        abyss_examples::install_prometheus(addr)?;
+        eprintln!("metrics on http://{addr}/metrics");
+    }
     let mut builder = Server::builder()
         .address(args.bind)
         .port(args.port)

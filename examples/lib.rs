@@ -107,3 +107,13 @@ pub fn report<E: std::error::Error + ?Sized>(result: Result<(), Box<E>>) -> std:
         }
     }
 }
+
+/// Serves the server's metrics (see the `metrics` feature of `abyss`) in
+/// Prometheus' text format at `http://ADDR/metrics`. Call it inside the
+/// tokio runtime and before starting the server.
+pub fn install_prometheus(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()?;
+    Ok(())
+}

@@ -55,7 +55,10 @@ async fn a_served_datagram_emits_listener_and_connection_events() {
     for (target, message) in [
         ("abyss::listener", "listener start"),
         ("abyss::listener", "listener ready"),
+        ("abyss::listener", "listener receiving"),
         ("abyss::connection", "recv"),
+        ("abyss::connection", "ready"),
+        ("abyss::connection", "start"),
         ("abyss::connection", "send"),
         ("abyss::listener", "listener draining"),
         ("abyss::listener", "listener stop"),

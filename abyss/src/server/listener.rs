@@ -96,6 +96,7 @@ pin_project! {
         future: F,
         peer: SocketAddr,
         dst_ip: Option<IpAddr>,
+        received_at: Instant,
     }
 }
 
@@ -132,6 +133,7 @@ enum Finished {
 struct Done {
     peer: SocketAddr,
     dst_ip: Option<IpAddr>,
+    received_at: Instant,
     finished: Finished,
 }
 
@@ -155,6 +157,7 @@ where
         Poll::Ready(Done {
             peer: *this.peer,
             dst_ip: *this.dst_ip,
+            received_at: *this.received_at,
             finished,
         })
     }
@@ -436,7 +439,10 @@ where
     fn poll_service_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if matches!(self.readiness, Readiness::Unknown) {
             self.readiness = match ready!(self.service.poll_ready(cx)) {
-                Ok(()) => Readiness::Ready,
+                Ok(()) => {
+                    tracing::trace!(target: CONNECTION, "ready");
+                    Readiness::Ready
+                }
                 Err(error) => Readiness::Failed(error.into()),
             };
         }
@@ -451,7 +457,7 @@ where
             if !self.paused {
                 self.paused = true;
                 self.counters().read_paused();
-                tracing::trace!(target: LISTENER, listener = self.settings.index, "listener waiting: in-flight limit reached");
+                tracing::trace!(target: LISTENER, listener = self.settings.index, reason = "in-flight limit", "listener waiting");
             }
             return false;
         }
@@ -486,6 +492,7 @@ where
             Poll::Pending => false,
             Poll::Ready(Ok(n)) => {
                 *budget = budget.saturating_sub(n.max(1));
+                tracing::trace!(target: LISTENER, listener = self.settings.index, buffers = n, "listener receiving");
                 self.accept(n);
                 true
             }
@@ -563,6 +570,7 @@ where
     }
 
     fn dispatch(&mut self, received: Received, cx: &mut Context<'_>) {
+        tracing::trace!(target: CONNECTION, peer = %received.peer, len = received.payload.len(), "start");
         let local = SocketAddr::new(
             received.dst_ip.unwrap_or(self.local.ip()),
             self.local.port(),
@@ -586,6 +594,7 @@ where
             future,
             peer: received.peer,
             dst_ip: received.dst_ip,
+            received_at: received.at,
         }));
         let polled = self
             .staging
@@ -606,6 +615,10 @@ where
     }
 
     fn finish(&mut self, done: Done) {
+        #[cfg(feature = "metrics")]
+        self.counters().handled(done.received_at.elapsed());
+        #[cfg(not(feature = "metrics"))]
+        let _ = done.received_at;
         match done.finished {
             Finished::Reply(Some(payload)) => {
                 if answerable(done.peer) {

@@ -140,11 +140,21 @@ pub(crate) struct Counters {
     reads_paused: AtomicU64,
     kernel_drops: AtomicU64,
     kernel_drops_known: AtomicBool,
+    #[cfg(feature = "metrics")]
+    metrics: metrics_export::Handles,
 }
 
 impl Counters {
     pub(crate) fn received(&self, n: u64) {
         self.received.fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.received(n);
+    }
+
+    /// Records how long a datagram took from receipt to its outcome.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn handled(&self, took: std::time::Duration) {
+        self.metrics.handling.record(took.as_secs_f64());
     }
 
     /// Counts `n` datagrams as finished with `outcome`. Release pairs with the
@@ -170,10 +180,14 @@ impl Counters {
             Outcome::Layer(_) => &self.denied,
         };
         counter.fetch_add(n, Ordering::Release);
+        #[cfg(feature = "metrics")]
+        self.metrics.finished(outcome, n);
     }
 
     pub(crate) fn receive_error(&self) {
         self.receive_errors.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.receive_errors.increment(1);
     }
 
     pub(crate) fn read_paused(&self) {
@@ -230,6 +244,82 @@ impl Counters {
         stats.reads_paused += self.reads_paused.load(Ordering::Relaxed);
         if self.kernel_drops_known.load(Ordering::Relaxed) {
             *stats.kernel_drops.get_or_insert(0) += self.kernel_drops.load(Ordering::Relaxed);
+        }
+    }
+}
+
+/// Metrics through the `metrics` facade (feature `metrics`). Handles are
+/// resolved once, when the server starts, from the recorder installed then:
+/// install the recorder (a Prometheus exporter, say) before serving.
+///
+/// | metric | kind | meaning |
+/// | --- | --- | --- |
+/// | `abyss_datagrams_received_total` | counter | datagrams taken from the sockets |
+/// | `abyss_datagrams_total{outcome}` | counter | datagrams finished, by outcome: `replied`, `no_reply`, or a drop reason (`truncated`, `too_large`, `rate_limited`, `timed_out`, `overloaded`, `denied`, `handler_error`, `panicked`, `refused_destination`, `send_failed`, `aborted`) |
+/// | `abyss_in_flight` | gauge | datagrams received and not finished |
+/// | `abyss_receive_errors_total` | counter | failed receive calls |
+/// | `abyss_handling_seconds` | histogram | receipt to outcome, per datagram |
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics_export {
+    use metrics::{Counter, Gauge, Histogram};
+
+    use super::Outcome;
+
+    const OUTCOMES: [&str; 13] = [
+        "replied",
+        "no_reply",
+        "truncated",
+        "handler_error",
+        "panicked",
+        "refused_destination",
+        "send_failed",
+        "aborted",
+        "too_large",
+        "rate_limited",
+        "timed_out",
+        "overloaded",
+        "denied",
+    ];
+
+    #[derive(Debug)]
+    pub(crate) struct Handles {
+        received: Counter,
+        outcomes: [Counter; 13],
+        in_flight: Gauge,
+        pub(crate) receive_errors: Counter,
+        pub(crate) handling: Histogram,
+    }
+
+    impl Default for Handles {
+        fn default() -> Self {
+            Self {
+                received: metrics::counter!("abyss_datagrams_received_total"),
+                outcomes: OUTCOMES.map(
+                    |outcome| metrics::counter!("abyss_datagrams_total", "outcome" => outcome),
+                ),
+                in_flight: metrics::gauge!("abyss_in_flight"),
+                receive_errors: metrics::counter!("abyss_receive_errors_total"),
+                handling: metrics::histogram!("abyss_handling_seconds"),
+            }
+        }
+    }
+
+    impl Handles {
+        pub(crate) fn received(&self, n: u64) {
+            self.received.increment(n);
+            self.in_flight.increment(n as f64);
+        }
+
+        pub(crate) fn finished(&self, outcome: Outcome, n: u64) {
+            // A reason this driver does not know yet counts as `denied`, as
+            // in the stats.
+            let name = outcome.as_str();
+            let index = OUTCOMES
+                .iter()
+                .position(|o| *o == name)
+                .unwrap_or(OUTCOMES.len() - 1);
+            self.outcomes[index].increment(n);
+            self.in_flight.decrement(n as f64);
         }
     }
 }
