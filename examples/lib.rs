@@ -2,6 +2,7 @@
 //! the shutdown signal, and the one-line stats summary.
 
 pub mod dns;
+pub mod mdns;
 
 use std::fmt::Write as _;
 

@@ -96,3 +96,75 @@ pub fn assert_accounted(stats: &Stats) {
 pub async fn settled(handle: &ServerHandle) -> Stats {
     wait_for_stats(handle, "nothing in flight", |s| s.in_flight == 0).await
 }
+
+/// A network namespace of the test's own (Linux, root only), deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with its loopback up, or `None` (saying why on
+    /// stderr) where that is not possible.
+    pub fn new(tag: &str) -> Option<Self> {
+        let name = format!("abyss-{tag}-{}", std::process::id());
+        let created = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !created {
+            eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
+            return None;
+        }
+        let netns = Self { name };
+        netns.run(&["ip", "link", "set", "lo", "up"]);
+        Some(netns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs a command inside the namespace, failing the test if it fails.
+    pub fn run(&self, args: &[&str]) {
+        let status = self.command(args).status().expect("run ip netns exec");
+        assert!(
+            status.success(),
+            "`{}` failed in {}",
+            args.join(" "),
+            self.name
+        );
+    }
+
+    /// A command to run inside the namespace.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new("ip");
+        command.args(["netns", "exec", &self.name]).args(args);
+        command
+    }
+
+    /// Runs `body` on a new thread that has entered the namespace, so the
+    /// sockets it opens live there.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        body: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open the namespace");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("enter the namespace");
+            body()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
