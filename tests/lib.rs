@@ -168,3 +168,31 @@ impl Drop for Netns {
             .status();
     }
 }
+
+/// Connects two namespaces with a veth pair (`left` in `a`, `right` in `b`),
+/// both ends up.
+pub fn veth(a: &Netns, left: &str, b: &Netns, right: &str) {
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "`ip {}` failed", args.join(" "));
+    };
+    run(&[
+        "link",
+        "add",
+        left,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        right,
+        "netns",
+        b.name(),
+    ]);
+    a.run(&["ip", "link", "set", left, "up"]);
+    b.run(&["ip", "link", "set", right, "up"]);
+}
