@@ -72,6 +72,7 @@ pub fn stats_line(stats: &Stats) -> String {
         ("timed_out", d.timed_out),
         ("overloaded", d.overloaded),
         ("denied", d.denied),
+        ("amplification", d.amplification),
         ("handler_error", d.handler_error),
         ("panicked", d.panicked),
         ("refused_destination", d.refused_destination),

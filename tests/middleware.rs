@@ -303,3 +303,45 @@ async fn the_concurrency_limit_option_sheds_instead_of_queueing() {
     assert_eq!(ask(&socket, handle.local_addr(), b"ok").await, b"ok");
     handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_server_counts_denied_peers_and_amplified_replies_under_their_reasons() {
+    use abyss::middleware::{AmplificationGuardLayer, IpFilter};
+    // Answers ten times the request: too much for anyone not validated.
+    let amplifier = tower::service_fn(|request: Request| async move {
+        Ok::<_, Infallible>(Some(Bytes::from(request.payload().repeat(10))))
+    });
+    let stack = ServiceBuilder::new()
+        .layer(
+            IpFilter::new()
+                .deny("127.0.0.3/32".parse().unwrap())
+                .layer(),
+        )
+        .layer(
+            AmplificationGuardLayer::new(3)
+                .validated_by(|peer: SocketAddr| peer.ip().to_string() == "127.0.0.2"),
+        )
+        .service(amplifier);
+    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+        .listeners(1)
+        .serve(stack)
+        .await
+        .unwrap();
+    let server: SocketAddr = format!("127.0.0.1:{}", handle.local_addr().port())
+        .parse()
+        .unwrap();
+    let validated = client_on("127.0.0.2").await;
+    assert_eq!(
+        ask(&validated, server, b"ab").await,
+        b"abababababababababab"
+    );
+    for ip in ["127.0.0.1", "127.0.0.3"] {
+        client_on(ip).await.send_to(b"ab", server).await.unwrap();
+    }
+    let stats = wait_for_stats(&handle, "both drops", |s| {
+        s.dropped.amplification == 1 && s.dropped.denied == 1
+    })
+    .await;
+    assert_eq!(stats.replied, 1);
+    handle.shutdown().await;
+}

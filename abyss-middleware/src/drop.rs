@@ -15,6 +15,9 @@ pub enum DropReason {
     Overloaded,
     /// A policy (allow/deny list, validation) refused the peer or payload.
     Denied,
+    /// The reply was more than the amplification limit allows for a peer
+    /// not yet validated.
+    Amplification,
 }
 
 impl DropReason {
@@ -26,6 +29,7 @@ impl DropReason {
             DropReason::TimedOut => "timed_out",
             DropReason::Overloaded => "overloaded",
             DropReason::Denied => "denied",
+            DropReason::Amplification => "amplification",
         }
     }
 }

@@ -11,6 +11,8 @@
 //! | tower's [`TimeoutLayer`](tower::timeout::TimeoutLayer) | handling took too long | `timed_out` |
 //! | [`ConcurrencyLimitLayer`] | N requests already in flight | `overloaded` |
 //! | [`TraceLayer`] | (never drops) a span per datagram | |
+//! | [`IpFilterLayer`] | peer outside the allow list or inside the deny list | `denied` |
+//! | [`AmplificationGuardLayer`] | reply over k times the request to an unvalidated peer | `amplification` |
 //!
 //! A UDP server has no error response to send: a refused datagram is simply
 //! not answered. What matters is that every refused datagram is counted once,
@@ -51,8 +53,10 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod amplification;
 pub mod concurrency;
 mod drop;
+pub mod filter;
 pub mod rate_limit;
 pub mod size_limit;
 pub mod trace;
@@ -60,9 +64,11 @@ pub mod trace;
 mod datagram;
 mod future;
 
+pub use amplification::{AmplificationGuardLayer, Validate};
 pub use concurrency::ConcurrencyLimitLayer;
 pub use datagram::Datagram;
 pub use drop::{DropReason, Dropped, drop_reason};
+pub use filter::{IpFilter, IpFilterLayer};
 pub use future::ResponseFuture;
 pub use rate_limit::{
     PeerRateLimitLayer, PeerRateLimiter, PeerRateLimiterBuilder, RateLimitError, RateLimitStats,

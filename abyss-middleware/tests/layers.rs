@@ -324,3 +324,87 @@ async fn towers_timeout_is_counted_as_timed_out() {
         .unwrap_err();
     assert_eq!(reason(error), Some(DropReason::TimedOut));
 }
+
+#[tokio::test]
+async fn the_ip_filter_denies_before_it_allows_and_matches_mapped_ipv4() {
+    use abyss_middleware::IpFilter;
+    let filter = IpFilter::new()
+        .allow("192.0.2.0/24".parse().unwrap())
+        .allow("2001:db8::/32".parse().unwrap())
+        .deny("192.0.2.128/25".parse().unwrap());
+    let mut service = tower::ServiceBuilder::new()
+        .layer(filter.layer())
+        .service_fn(|_: Packet| async { Ok::<_, BoxError>(()) });
+    for (peer, admitted) in [
+        ("192.0.2.1:53", true),
+        ("[::ffff:192.0.2.1]:53", true),
+        ("192.0.2.200:53", false),
+        ("[2001:db8::1]:53", true),
+        ("198.51.100.1:53", false),
+    ] {
+        let result = service
+            .ready()
+            .await
+            .unwrap()
+            .call(Packet::from(peer, 1))
+            .await;
+        match result {
+            Ok(()) => assert!(admitted, "{peer} should have been denied"),
+            Err(error) => {
+                assert!(!admitted, "{peer} should have been admitted");
+                assert_eq!(reason(error), Some(DropReason::Denied));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn replies_over_three_times_the_request_to_unvalidated_peers_are_dropped() {
+    use abyss_middleware::AmplificationGuardLayer;
+    use bytes::Bytes;
+    let trusted: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+    let mut service = tower::ServiceBuilder::new()
+        .layer(
+            AmplificationGuardLayer::default()
+                .validated_by(move |peer: SocketAddr| peer.ip() == trusted),
+        )
+        // Replies three times the request, one byte more to peers on port 1.
+        .service_fn(|packet: Packet| async move {
+            Ok::<_, BoxError>(Some(Bytes::from(vec![
+                0u8;
+                packet.len * 3
+                    + usize::from(
+                        packet.peer.port() == 1
+                    )
+            ])))
+        });
+    let at_limit = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Packet::from("192.0.2.1:2", 10))
+        .await;
+    assert_eq!(at_limit.unwrap().unwrap().len(), 30, "exactly 3x passes");
+    let over = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Packet::from("192.0.2.1:1", 10))
+        .await;
+    assert_eq!(
+        reason(over.unwrap_err()),
+        Some(DropReason::Amplification),
+        "31 bytes for 10 is over"
+    );
+    let validated = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Packet::from("192.0.2.10:1", 10))
+        .await;
+    assert_eq!(
+        validated.unwrap().unwrap().len(),
+        31,
+        "a validated peer is not capped"
+    );
+}

@@ -66,8 +66,10 @@ pub struct Drops {
     pub timed_out: u64,
     /// Refused at the concurrency limit (concurrency-limit or load-shed layer).
     pub overloaded: u64,
-    /// Refused by a policy layer.
+    /// Refused by a policy layer (allow/deny list).
     pub denied: u64,
+    /// A reply over the amplification limit for an unvalidated peer.
+    pub amplification: u64,
 }
 
 impl Drops {
@@ -84,6 +86,7 @@ impl Drops {
             + self.timed_out
             + self.overloaded
             + self.denied
+            + self.amplification
     }
 }
 
@@ -136,6 +139,7 @@ pub(crate) struct Counters {
     timed_out: AtomicU64,
     overloaded: AtomicU64,
     denied: AtomicU64,
+    amplification: AtomicU64,
     receive_errors: AtomicU64,
     reads_paused: AtomicU64,
     kernel_drops: AtomicU64,
@@ -175,6 +179,7 @@ impl Counters {
             Outcome::Layer(DropReason::TimedOut) => &self.timed_out,
             Outcome::Layer(DropReason::Overloaded) => &self.overloaded,
             Outcome::Layer(DropReason::Denied) => &self.denied,
+            Outcome::Layer(DropReason::Amplification) => &self.amplification,
             // DropReason is non_exhaustive: a reason this driver does not
             // know yet still counts as a policy drop.
             Outcome::Layer(_) => &self.denied,
@@ -221,6 +226,7 @@ impl Counters {
             timed_out: load(&self.timed_out),
             overloaded: load(&self.overloaded),
             denied: load(&self.denied),
+            amplification: load(&self.amplification),
         };
         // Loaded after every outcome, so it is never smaller than their sum.
         let received = load(&self.received);
@@ -240,6 +246,7 @@ impl Counters {
         d.timed_out += drops.timed_out;
         d.overloaded += drops.overloaded;
         d.denied += drops.denied;
+        d.amplification += drops.amplification;
         stats.receive_errors += self.receive_errors.load(Ordering::Relaxed);
         stats.reads_paused += self.reads_paused.load(Ordering::Relaxed);
         if self.kernel_drops_known.load(Ordering::Relaxed) {
@@ -265,7 +272,7 @@ pub(crate) mod metrics_export {
 
     use super::Outcome;
 
-    const OUTCOMES: [&str; 13] = [
+    const OUTCOMES: [&str; 14] = [
         "replied",
         "no_reply",
         "truncated",
@@ -278,13 +285,14 @@ pub(crate) mod metrics_export {
         "rate_limited",
         "timed_out",
         "overloaded",
+        "amplification",
         "denied",
     ];
 
     #[derive(Debug)]
     pub(crate) struct Handles {
         received: Counter,
-        outcomes: [Counter; 13],
+        outcomes: [Counter; 14],
         in_flight: Gauge,
         pub(crate) receive_errors: Counter,
         pub(crate) handling: Histogram,
