@@ -26,17 +26,26 @@ use dhcproto::{Decodable, Decoder};
 /// assert_eq!(line, "dhcp Discover from 0.0.0.0:68 mac 02:00:00:00:00:01 xid 0x0000abcd requests [SubnetMask, Router]");
 /// ```
 pub fn describe(peer: SocketAddr, payload: &[u8]) -> Option<String> {
-    let message = Message::decode(&mut Decoder::new(payload)).ok()?;
+    // dhcproto 0.15 panics on some malformed options (found by this
+    // project's fuzz test): treat a panic in decoding as malformed input.
+    let message = std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(payload)))
+        .ok()?
+        .ok()?;
     let kind = message
         .opts()
         .msg_type()
         .map_or_else(|| "(no type)".to_owned(), |t| format!("{t:?}"));
-    let mac: Vec<String> = message
-        .chaddr()
-        .iter()
-        .take(usize::from(message.hlen()).min(16))
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    // dhcproto's chaddr() slices by the header's hlen, which a malformed
+    // message can set past the 16-byte field: check it first.
+    let mac: Vec<String> = if usize::from(message.hlen()) <= 16 {
+        message
+            .chaddr()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    } else {
+        vec![format!("(hlen {})", message.hlen())]
+    };
     let requests = match message.opts().get(OptionCode::ParameterRequestList) {
         Some(DhcpOption::ParameterRequestList(codes)) => format!("{codes:?}"),
         _ => "[]".to_owned(),

@@ -108,9 +108,9 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Datagrams the operating system dropped on this endpoint because its
-    /// receive queue was full, where the system reports it (Linux
-    /// `SO_RXQ_OVFL`, as stamped on the most recent datagram received);
-    /// `None` where it does not.
+    /// receive queue was full, where the system reports it (Linux:
+    /// `SO_MEMINFO`, read when called; one system call, so callers ask when
+    /// they report, not per datagram); `None` where it does not.
     fn kernel_drops(&self) -> Option<u64> {
         None
     }

@@ -632,6 +632,10 @@ impl Transport for UdpTransport {
     }
 
     fn kernel_drops(&self) -> Option<u64> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(drops) = mmsg::drops(std::os::fd::AsRawFd::as_raw_fd(&self.io)) {
+            return Some(drops);
+        }
         self.state.kernel_drops()
     }
 

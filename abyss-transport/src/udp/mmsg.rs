@@ -357,3 +357,25 @@ fn as_bytes<T: Copy>(value: &T) -> ([u8; 20], usize) {
     unsafe { ptr::copy_nonoverlapping((value as *const T).cast::<u8>(), bytes.as_mut_ptr(), len) };
     (bytes, len)
 }
+
+/// The socket's drop counter now (`SO_MEMINFO`), where the kernel has it.
+pub(super) fn drops(fd: RawFd) -> Option<u64> {
+    let mut info = [0u32; 16];
+    let mut len = mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes and the kernel writes at
+    // most `len` bytes into it, updating `len`.
+    let result = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let index = libc::SK_MEMINFO_DROPS as usize;
+    if result != 0 || (len as usize) < (index + 1) * mem::size_of::<u32>() {
+        return None;
+    }
+    Some(u64::from(info[index]))
+}

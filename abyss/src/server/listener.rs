@@ -252,7 +252,6 @@ pub(crate) struct Listener<S, F> {
     /// Where a new service future is first polled; see `dispatch`.
     staging: Pin<Box<Option<InFlight<F>>>>,
     outbox: VecDeque<Outgoing>,
-    kernel_drops_base: u64,
     recv_log: LogGate,
     send_log: LogGate,
     panic_log: LogGate,
@@ -285,7 +284,7 @@ where
             .clamp(1, MAX_BATCH)
             .min((SCRATCH_BYTES / slot).max(1));
         let max_transmit = transport.max_transmit_batch().clamp(1, MAX_BATCH);
-        let kernel_drops_base = counters[settings.index].kernel_drops();
+        counters[settings.index].attach(&transport);
         Ok(Self {
             transport,
             local,
@@ -312,7 +311,6 @@ where
             in_flight: FuturesUnordered::new(),
             staging: Box::pin(None),
             outbox: VecDeque::new(),
-            kernel_drops_base,
             recv_log: LogGate::default(),
             send_log: LogGate::default(),
             panic_log: LogGate::default(),
@@ -358,6 +356,8 @@ where
             drained: outstanding - aborted,
             aborted,
         };
+        // The socket closes with this task: keep what it dropped.
+        self.counters().detach(&self.transport);
         tracing::info!(
             target: LISTENER,
             listener = index,
@@ -526,9 +526,6 @@ where
         // stats snapshot never sees an outcome without its receipt.
         let datagrams: usize = self.metas[..n].iter().map(datagrams_in).sum();
         counters.received(datagrams as u64);
-        if let Some(drops) = self.transport.kernel_drops() {
-            counters.set_kernel_drops(self.kernel_drops_base + drops);
-        }
         for i in 0..n {
             let meta = self.metas[i];
             if meta.truncated {

@@ -33,10 +33,8 @@ pub struct Stats {
     /// see `kernel_drops`) what arrives meanwhile.
     pub reads_paused: u64,
     /// Datagrams the kernel dropped because a socket's receive queue was
-    /// full, where the system reports it (Linux `SO_RXQ_OVFL`); `None`
-    /// elsewhere, and until the first datagram arrives. The kernel stamps its
-    /// count on each datagram it queues, so drops show here once the next
-    /// datagram after them has been read.
+    /// full, where the system reports it (Linux `SO_MEMINFO`, read when the
+    /// snapshot is taken); `None` elsewhere.
     pub kernel_drops: Option<u64>,
 }
 
@@ -120,9 +118,17 @@ impl Outcome {
     }
 }
 
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut stats = Stats::default();
+        self.add_to(&mut stats);
+        f.debug_tuple("Counters").field(&stats).finish()
+    }
+}
+
 /// One listener's counters, on their own cache lines so listeners on
 /// different cores do not contend.
-#[derive(Debug, Default)]
+#[derive(Default)]
 #[repr(align(128))]
 pub(crate) struct Counters {
     received: AtomicU64,
@@ -142,8 +148,11 @@ pub(crate) struct Counters {
     amplification: AtomicU64,
     receive_errors: AtomicU64,
     reads_paused: AtomicU64,
+    /// Kernel drops of sockets this listener had before (suspend/resume).
     kernel_drops: AtomicU64,
     kernel_drops_known: AtomicBool,
+    /// The socket now in use, asked for its kernel drops at each snapshot.
+    transport: std::sync::Mutex<Option<std::sync::Weak<dyn crate::transport::Transport>>>,
     #[cfg(feature = "metrics")]
     metrics: metrics_export::Handles,
 }
@@ -199,13 +208,38 @@ impl Counters {
         self.reads_paused.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn kernel_drops(&self) -> u64 {
-        self.kernel_drops.load(Ordering::Relaxed)
+    /// Takes `transport` as this listener's socket for kernel drop counts.
+    pub(crate) fn attach(&self, transport: &std::sync::Arc<dyn crate::transport::Transport>) {
+        *self.transport.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::sync::Arc::downgrade(transport));
     }
 
-    pub(crate) fn set_kernel_drops(&self, total: u64) {
-        self.kernel_drops.store(total, Ordering::Relaxed);
-        self.kernel_drops_known.store(true, Ordering::Relaxed);
+    /// The socket is closing: fold its kernel drops into the total.
+    pub(crate) fn detach(&self, transport: &std::sync::Arc<dyn crate::transport::Transport>) {
+        let mut slot = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(drops) = transport.kernel_drops() {
+            self.kernel_drops.fetch_add(drops, Ordering::Relaxed);
+            self.kernel_drops_known.store(true, Ordering::Relaxed);
+        }
+        *slot = None;
+    }
+
+    /// Kernel drops so far: closed sockets' plus the open one's.
+    fn kernel_drops_now(&self) -> Option<u64> {
+        let live = self
+            .transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+            .and_then(|t| t.kernel_drops());
+        let known = self.kernel_drops_known.load(Ordering::Relaxed);
+        let past = self.kernel_drops.load(Ordering::Relaxed);
+        match (live, known) {
+            (Some(live), _) => Some(past + live),
+            (None, true) => Some(past),
+            (None, false) => None,
+        }
     }
 
     /// Adds this listener's counters to `stats`.
@@ -249,8 +283,8 @@ impl Counters {
         d.amplification += drops.amplification;
         stats.receive_errors += self.receive_errors.load(Ordering::Relaxed);
         stats.reads_paused += self.reads_paused.load(Ordering::Relaxed);
-        if self.kernel_drops_known.load(Ordering::Relaxed) {
-            *stats.kernel_drops.get_or_insert(0) += self.kernel_drops.load(Ordering::Relaxed);
+        if let Some(drops) = self.kernel_drops_now() {
+            *stats.kernel_drops.get_or_insert(0) += drops;
         }
     }
 }

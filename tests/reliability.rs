@@ -1,0 +1,502 @@
+//! Reliability suites: floods, faults, bad input, and the accounting
+//! invariant under all of them. Each prints one line of figures
+//! (`reliability: ...`) that RELIABILITY.md collects.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use abyss::middleware::RateQuota;
+use abyss::session::{Session, Sessions, Step};
+use abyss::{Request, Server, ServerHandle, Stats};
+use abyss_tests::{PATIENCE, assert_accounted, client, echo, recv_within, settled, wait_for_stats};
+use tokio::net::UdpSocket;
+use tower::service_fn;
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn report(name: &str, load: &str, faults: &str, stats: &Stats, unaccounted: i64) {
+    println!(
+        "reliability: {name} | {load} | {faults} | received={} replied={} no_reply={} dropped={} in_flight={} kernel_drops={} | unaccounted={unaccounted}",
+        stats.received,
+        stats.replied,
+        stats.no_reply,
+        stats.dropped.total(),
+        stats.in_flight,
+        stats.kernel_drops.unwrap_or(0)
+    );
+}
+
+/// Sends `per_socket` datagrams from each of `sockets` sockets with `window`
+/// in flight, counting replies; returns (sent, replies counted by clients).
+async fn blast(server: SocketAddr, sockets: usize, per_socket: usize, window: usize) -> (u64, u64) {
+    let replies = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..sockets {
+        let replies = replies.clone();
+        tasks.spawn(async move {
+            let socket = client().await;
+            let mut buf = [0u8; 2048];
+            let mut sent = 0usize;
+            let mut outstanding = 0usize;
+            while sent < per_socket || outstanding > 0 {
+                while sent < per_socket && outstanding < window {
+                    socket
+                        .send_to(&(sent as u64).to_be_bytes(), server)
+                        .await
+                        .unwrap();
+                    sent += 1;
+                    outstanding += 1;
+                }
+                // A lost or unanswered datagram frees its slot after a while.
+                match tokio::time::timeout(Duration::from_millis(200), socket.recv_from(&mut buf))
+                    .await
+                {
+                    Ok(Ok(_)) => {
+                        replies.fetch_add(1, Ordering::Relaxed);
+                        outstanding -= 1;
+                    }
+                    _ => outstanding = 0,
+                }
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+    (
+        (sockets * per_socket) as u64,
+        replies.load(Ordering::Relaxed),
+    )
+}
+
+/// Checks the invariant on snapshots taken while `work` runs.
+async fn watch_accounting<T>(handle: &ServerHandle, work: impl Future<Output = T>) -> (T, usize) {
+    let mut snapshots = 0;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return (out, snapshots),
+            () = tokio::time::sleep(Duration::from_millis(5)) => {
+                assert_accounted(&handle.stats());
+                snapshots += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_datagram_from_64_sockets_is_accounted_for_at_every_snapshot() {
+    let handle = Server::bind(loopback())
+        .listeners(2)
+        .serve(echo())
+        .await
+        .unwrap();
+    // ABYSS_SOAK_DATAGRAMS=1000000 runs the full soak (about 30 s in a debug
+    // build here); CI runs 64 000.
+    let total: usize = std::env::var("ABYSS_SOAK_DATAGRAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64_000);
+    let ((sent, client_replies), snapshots) = watch_accounting(
+        &handle,
+        blast(handle.local_addr(), 64, total.div_ceil(64), 8),
+    )
+    .await;
+    let stats = settled(&handle).await;
+    assert_accounted(&stats);
+    assert_eq!(
+        stats.replied, client_replies,
+        "every reply counted was received, and only those"
+    );
+    let kernel = stats.kernel_drops.unwrap_or(0);
+    assert_eq!(
+        stats.received + kernel,
+        sent,
+        "what was sent was received or dropped by the kernel"
+    );
+    report(
+        "accounting",
+        &format!("{sent} datagrams from 64 sockets, {snapshots} snapshots"),
+        "none",
+        &stats,
+        sent as i64 - (stats.received + kernel) as i64,
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_and_errors_on_a_tenth_of_datagrams_are_counted_exactly() {
+    let handle = Server::bind(loopback())
+        .listeners(2)
+        .serve(service_fn(|request: Request| async move {
+            let n = u64::from_be_bytes(request.payload()[..8].try_into().unwrap());
+            match n % 10 {
+                3 => panic!("a tenth of requests panic"),
+                7 => Err(std::io::Error::other("a tenth of requests fail")),
+                _ => Ok(request.into_payload()),
+            }
+        }))
+        .await
+        .unwrap();
+    let (sent, client_replies) = blast(handle.local_addr(), 16, 500, 8).await;
+    let stats = settled(&handle).await;
+    assert_accounted(&stats);
+    let received = stats.received;
+    // Each socket sends 0..500: 50 of each residue.
+    assert_eq!(received, sent, "loopback at this pace loses nothing");
+    assert_eq!(stats.dropped.panicked, 16 * 50);
+    assert_eq!(stats.dropped.handler_error, 16 * 50);
+    assert_eq!(stats.replied, 16 * 400);
+    assert_eq!(client_replies, stats.replied);
+    // The listeners are alive: a new peer is served.
+    let socket = client().await;
+    socket
+        .send_to(&0u64.to_be_bytes(), handle.local_addr())
+        .await
+        .unwrap();
+    assert!(recv_within(&socket, PATIENCE).await.is_some());
+    report(
+        "handler panics and errors",
+        &format!("{sent} datagrams, 16 sockets"),
+        "10% panic, 10% error",
+        &stats,
+        0,
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_under_load_stays_within_its_cap_and_recovers() {
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .max_in_flight(64)
+        .serve(service_fn(|request: Request| async move {
+            if request.payload().as_ref() != b"quick" {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok::<_, Infallible>(request.into_payload())
+        }))
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let flood = tokio::spawn(async move {
+        let socket = client().await;
+        for i in 0..5_000u64 {
+            let _ = socket.send_to(&i.to_be_bytes(), server).await;
+        }
+    });
+    let (result, snapshots) = watch_accounting(&handle, async {
+        let mut most = 0;
+        while !flood.is_finished() {
+            most = most.max(handle.stats().in_flight);
+            tokio::task::yield_now().await;
+        }
+        most
+    })
+    .await;
+    assert!(
+        result <= 64,
+        "in flight peaked at {result}, over the cap of 64"
+    );
+    let stats = settled(&handle).await;
+    assert_accounted(&stats);
+    let kernel = stats.kernel_drops.unwrap_or(0);
+    assert_eq!(
+        stats.received + kernel,
+        5_000,
+        "what the server did not take, the kernel dropped and counted"
+    );
+    // Normal service once the load stops.
+    let socket = client().await;
+    socket.send_to(b"quick", server).await.unwrap();
+    assert_eq!(recv_within(&socket, PATIENCE).await.unwrap().0, b"quick");
+    report(
+        "slow handler",
+        &format!("5000 datagrams at once, 100 ms each, cap 64, {snapshots} snapshots"),
+        "slowness",
+        &stats,
+        5_000 - (stats.received + kernel) as i64,
+    );
+    println!(
+        "reliability-detail: slow handler: peak in flight {result}, reads paused {}, kernel drops {:?}",
+        stats.reads_paused, stats.kernel_drops
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_under_load_answers_or_aborts_every_accepted_request() {
+    let handle = Server::bind(loopback())
+        .listeners(2)
+        .shutdown_timeout(Duration::from_millis(300))
+        .serve(service_fn(|request: Request| async move {
+            let n = u64::from_be_bytes(request.payload()[..8].try_into().unwrap());
+            // Some finish quickly, some outlive the deadline.
+            tokio::time::sleep(Duration::from_millis(if n % 4 == 0 { 10_000 } else { 20 })).await;
+            Ok::<_, Infallible>(request.into_payload())
+        }))
+        .await
+        .unwrap();
+    let server = handle.local_addr();
+    let load = tokio::spawn(blast(server, 8, 200, 16));
+    wait_for_stats(&handle, "load under way", |s| s.received >= 200).await;
+    let report_ = handle.shutdown().await;
+    let stats = handle.stats();
+    assert_accounted(&stats);
+    assert_eq!(stats.in_flight, 0, "nothing left in flight after shutdown");
+    assert_eq!(report_.aborted, stats.dropped.aborted);
+    assert!(
+        report_.aborted > 0,
+        "the slow quarter outlived the deadline"
+    );
+    let _ = load.await;
+    report(
+        "graceful shutdown under load",
+        "8 sockets x 16 in flight, a quarter of requests take 10 s",
+        "shutdown with a 300 ms deadline",
+        &stats,
+        stats.received as i64 - (stats.replied + stats.no_reply + stats.dropped.total()) as i64,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_to_vanished_peers_are_counted_and_the_listener_lives() {
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .serve(service_fn(|request: Request| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, Infallible>(request.into_payload())
+        }))
+        .await
+        .unwrap();
+    // Each peer sends and closes at once: the replies meet closed ports and
+    // the kernel answers with ICMP port unreachable.
+    for i in 0..200u64 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .send_to(&i.to_be_bytes(), handle.local_addr())
+            .unwrap();
+    }
+    let stats = wait_for_stats(&handle, "200 handled", |s| {
+        s.received == 200 && s.in_flight == 0
+    })
+    .await;
+    assert_accounted(&stats);
+    let socket = client().await;
+    socket
+        .send_to(b"alive?", handle.local_addr())
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&socket, PATIENCE).await.unwrap().0, b"alive?");
+    report(
+        "send faults",
+        "200 peers gone before their reply",
+        "ICMP port unreachable",
+        &stats,
+        0,
+    );
+    handle.shutdown().await;
+}
+
+/// Holds a peer's session until told to close.
+struct Held;
+
+impl Session for Held {
+    async fn handle(&mut self, _request: Request) -> Step {
+        Step::keep()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_65000_spoofed_sources_keeps_tables_and_memory_bounded() {
+    let sessions = Sessions::builder(|_| Held)
+        .max_sessions(1_000)
+        .build()
+        .unwrap();
+    let limiter = abyss::middleware::PeerRateLimiter::builder(RateQuota::per_second(10))
+        .max_tracked_peers(10_000)
+        .build()
+        .unwrap();
+    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+        .listeners(2)
+        .rate_limiter(limiter.clone())
+        .serve(sessions.service())
+        .await
+        .unwrap();
+    let port = handle.local_addr().port();
+    let rss_before = rss_kib();
+    let sent = tokio::task::spawn_blocking(move || {
+        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut sent = 0u64;
+        // 127.1.0.0 to 127.1.253.231: 65 000 distinct sources.
+        for i in 0..65_000u32 {
+            let source = Ipv4Addr::from(0x7f01_0000 + i);
+            let Ok(socket) = std::net::UdpSocket::bind((source, 0)) else {
+                continue;
+            };
+            if socket.send_to(b"hello", target).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+    .await
+    .unwrap();
+    let stats = wait_for_stats(&handle, "the flood handled", |s| {
+        s.received + s.kernel_drops.unwrap_or(0) >= sent && s.in_flight == 0
+    })
+    .await;
+    let rss_after = rss_kib();
+    assert_accounted(&stats);
+    let rl = limiter.stats();
+    let ss = sessions.stats();
+    assert!(rl.tracked_peers <= 10_000, "{rl:?}");
+    assert!(ss.live <= 1_000, "{ss:?}");
+    assert_eq!(ss.created, 1_000, "sessions stop at their cap");
+    let growth = rss_after.saturating_sub(rss_before);
+    assert!(growth < 128 * 1024, "RSS grew by {growth} KiB");
+    report(
+        "spoofed-source flood",
+        &format!("{sent} datagrams from 65000 sources, rate limit and sessions on"),
+        "distinct sources",
+        &stats,
+        sent as i64 - (stats.received + stats.kernel_drops.unwrap_or(0)) as i64,
+    );
+    println!(
+        "reliability-detail: flood: tracked peers {} (cap 10000), live sessions {} (cap 1000), refused {}, RSS growth {growth} KiB",
+        rl.tracked_peers, ss.live, ss.refused
+    );
+    handle.shutdown().await;
+}
+
+/// This process's resident set, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn empty_and_truncated_datagrams_are_handled_or_counted() {
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .max_datagram_size(100)
+        .serve(service_fn(|request: Request| async move {
+            Ok::<_, Infallible>(if request.payload().is_empty() {
+                None
+            } else {
+                Some(request.into_payload())
+            })
+        }))
+        .await
+        .unwrap();
+    let socket = client().await;
+    for _ in 0..10 {
+        socket.send_to(&[], handle.local_addr()).await.unwrap();
+        socket
+            .send_to(&[9; 101], handle.local_addr())
+            .await
+            .unwrap();
+    }
+    let stats = wait_for_stats(&handle, "20 datagrams", |s| {
+        s.received == 20 && s.in_flight == 0
+    })
+    .await;
+    assert_eq!((stats.no_reply, stats.dropped.truncated), (10, 10));
+    report(
+        "empty and truncated",
+        "10 empty, 10 of 101 bytes against 100",
+        "bad sizes",
+        &stats,
+        0,
+    );
+    handle.shutdown().await;
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 2_000, ..Default::default() })]
+
+    /// The DNS examples' request path on arbitrary bytes: an answer or
+    /// nothing, never a panic.
+    #[test]
+    fn the_dns_request_path_survives_arbitrary_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            // An upstream that answers nothing, with a short timeout.
+            let forwarder = abyss_examples::dns::Forwarder::new("127.0.0.1:9".parse().unwrap(), Duration::from_millis(1));
+            let _ = forwarder.answer(&bytes).await;
+            let resolver = abyss_examples::dns::Resolver::new(vec!["127.0.0.1".parse().unwrap()], 9, Duration::from_millis(1));
+            let _ = resolver.answer(&bytes).await;
+        });
+        let peer: SocketAddr = "192.0.2.1:5353".parse().unwrap();
+        let _ = abyss_examples::mdns::describe(peer, &bytes);
+        let _ = abyss_examples::dhcp::describe(peer, &bytes);
+    }
+}
+
+#[tokio::test]
+async fn the_batch_receive_path_flags_every_size_correctly() {
+    use abyss::transport::{RecvMeta, Transport, UdpOptions, UdpTransport};
+    use std::io::IoSliceMut;
+    let transport = UdpTransport::bind(loopback(), &UdpOptions::new()).unwrap();
+    let sender = UdpSocket::bind(loopback()).await.unwrap();
+    // Pseudo-random sizes from 0 to 3000 against 1024-byte buffers, sent in
+    // rounds that fit the socket's receive buffer.
+    let sizes: Vec<usize> = (0..300u64)
+        .map(|i| ((i * 2_654_435_761) % 3_001) as usize)
+        .collect();
+    let mut storage = vec![vec![0u8; 1024]; 32];
+    let mut seen = 0;
+    for round in sizes.chunks(20) {
+        for (k, size) in round.iter().enumerate() {
+            let payload = vec![seen_tag(seen + k); *size];
+            sender
+                .send_to(&payload, transport.local_addr().unwrap())
+                .await
+                .unwrap();
+        }
+        let mut got = 0;
+        while got < round.len() {
+            let mut meta = vec![RecvMeta::default(); 32];
+            let n = tokio::time::timeout(
+                PATIENCE,
+                std::future::poll_fn(|cx| {
+                    let mut bufs: Vec<IoSliceMut<'_>> =
+                        storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                    transport.poll_recv(cx, &mut bufs, &mut meta)
+                }),
+            )
+            .await
+            .expect("all datagrams arrive")
+            .unwrap();
+            for (m, buf) in meta.iter().zip(&storage).take(n) {
+                let size = round[got];
+                assert_eq!(m.truncated, size > 1024, "datagram {seen} of {size} bytes");
+                assert_eq!(m.len, size.min(1024));
+                assert!(
+                    buf[..m.len].iter().all(|b| *b == seen_tag(seen)),
+                    "datagram {seen} intact"
+                );
+                got += 1;
+                seen += 1;
+            }
+        }
+    }
+    assert_eq!(seen, sizes.len());
+}
+
+/// The byte datagram `i` is filled with.
+fn seen_tag(i: usize) -> u8 {
+    (i % 251) as u8
+}
