@@ -445,55 +445,57 @@ proptest::proptest! {
     }
 }
 
-#[tokio::test]
-async fn the_batch_receive_path_flags_every_size_correctly() {
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+    /// The recvmmsg path on arbitrary runs of datagram sizes (0 to 3000
+    /// bytes against 1024-byte buffers): each datagram arrives intact or
+    /// flagged truncated exactly when it is over the buffer.
+    #[test]
+    fn the_batch_receive_path_flags_every_size_correctly(sizes in proptest::collection::vec(0usize..3_000, 1..24)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(receive_and_check(&sizes));
+    }
+}
+
+async fn receive_and_check(sizes: &[usize]) {
     use abyss::transport::{RecvMeta, Transport, UdpOptions, UdpTransport};
     use std::io::IoSliceMut;
     let transport = UdpTransport::bind(loopback(), &UdpOptions::new()).unwrap();
     let sender = UdpSocket::bind(loopback()).await.unwrap();
-    // Pseudo-random sizes from 0 to 3000 against 1024-byte buffers, sent in
-    // rounds that fit the socket's receive buffer.
-    let sizes: Vec<usize> = (0..300u64)
-        .map(|i| ((i * 2_654_435_761) % 3_001) as usize)
-        .collect();
+    for (i, size) in sizes.iter().enumerate() {
+        let payload = vec![seen_tag(i); *size];
+        sender
+            .send_to(&payload, transport.local_addr().unwrap())
+            .await
+            .unwrap();
+    }
     let mut storage = vec![vec![0u8; 1024]; 32];
     let mut seen = 0;
-    for round in sizes.chunks(20) {
-        for (k, size) in round.iter().enumerate() {
-            let payload = vec![seen_tag(seen + k); *size];
-            sender
-                .send_to(&payload, transport.local_addr().unwrap())
-                .await
-                .unwrap();
-        }
-        let mut got = 0;
-        while got < round.len() {
-            let mut meta = vec![RecvMeta::default(); 32];
-            let n = tokio::time::timeout(
-                PATIENCE,
-                std::future::poll_fn(|cx| {
-                    let mut bufs: Vec<IoSliceMut<'_>> =
-                        storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                    transport.poll_recv(cx, &mut bufs, &mut meta)
-                }),
-            )
-            .await
-            .expect("all datagrams arrive")
-            .unwrap();
-            for (m, buf) in meta.iter().zip(&storage).take(n) {
-                let size = round[got];
-                assert_eq!(m.truncated, size > 1024, "datagram {seen} of {size} bytes");
-                assert_eq!(m.len, size.min(1024));
-                assert!(
-                    buf[..m.len].iter().all(|b| *b == seen_tag(seen)),
-                    "datagram {seen} intact"
-                );
-                got += 1;
-                seen += 1;
-            }
+    while seen < sizes.len() {
+        let mut meta = vec![RecvMeta::default(); 32];
+        let n = tokio::time::timeout(
+            PATIENCE,
+            std::future::poll_fn(|cx| {
+                let mut bufs: Vec<IoSliceMut<'_>> =
+                    storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                transport.poll_recv(cx, &mut bufs, &mut meta)
+            }),
+        )
+        .await
+        .expect("all datagrams arrive")
+        .unwrap();
+        for (m, buf) in meta.iter().zip(&storage).take(n) {
+            let size = sizes[seen];
+            assert_eq!(m.truncated, size > 1024, "datagram {seen} of {size} bytes");
+            assert_eq!(m.len, size.min(1024));
+            assert!(
+                buf[..m.len].iter().all(|b| *b == seen_tag(seen)),
+                "datagram {seen} intact"
+            );
+            seen += 1;
         }
     }
-    assert_eq!(seen, sizes.len());
 }
 
 /// The byte datagram `i` is filled with.
