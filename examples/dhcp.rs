@@ -69,15 +69,5 @@ pub fn service(
 > + Clone
 + Send
 + 'static {
-    tower::service_fn(move |request: Request| {
-        let line = describe(request.peer(), request.payload()).unwrap_or_else(|| {
-            format!(
-                "dhcp malformed from {}: {} bytes",
-                request.peer(),
-                request.payload().len()
-            )
-        });
-        sink(line);
-        std::future::ready(Ok(None))
-    })
+    crate::printing_service("dhcp", describe, sink)
 }

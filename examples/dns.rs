@@ -112,9 +112,27 @@ fn refuse(message: &Message, code: ResponseCode) -> Option<Vec<u8>> {
     reply.to_vec().ok()
 }
 
-/// The forwarder as a service: request in, optional reply out.
-pub fn service(
-    forwarder: Arc<Forwarder>,
+/// Something that answers a DNS query (or decides not to).
+pub trait Answer: Send + Sync + 'static {
+    /// The reply to `query`, or `None` to send nothing.
+    fn answer(&self, query: &[u8]) -> impl Future<Output = Option<Vec<u8>>> + Send;
+}
+
+impl Answer for Forwarder {
+    fn answer(&self, query: &[u8]) -> impl Future<Output = Option<Vec<u8>>> + Send {
+        Forwarder::answer(self, query)
+    }
+}
+
+impl Answer for Resolver {
+    fn answer(&self, query: &[u8]) -> impl Future<Output = Option<Vec<u8>>> + Send {
+        Resolver::answer(self, query)
+    }
+}
+
+/// A forwarder or resolver as a service: request in, optional reply out.
+pub fn service<A: Answer>(
+    answerer: Arc<A>,
 ) -> impl tower::Service<
     Request,
     Response = Option<Bytes>,
@@ -124,8 +142,8 @@ pub fn service(
 + Send
 + 'static {
     tower::service_fn(move |request: Request| {
-        let forwarder = forwarder.clone();
-        async move { Ok(forwarder.answer(request.payload()).await.map(Bytes::from)) }
+        let answerer = answerer.clone();
+        async move { Ok(answerer.answer(request.payload()).await.map(Bytes::from)) }
     })
 }
 
@@ -414,21 +432,4 @@ impl Resolver {
         }
         None
     }
-}
-
-/// The resolver as a service: request in, optional reply out.
-pub fn resolver_service(
-    resolver: Arc<Resolver>,
-) -> impl tower::Service<
-    Request,
-    Response = Option<Bytes>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Option<Bytes>, Infallible>> + Send,
-> + Clone
-+ Send
-+ 'static {
-    tower::service_fn(move |request: Request| {
-        let resolver = resolver.clone();
-        async move { Ok(resolver.answer(request.payload()).await.map(Bytes::from)) }
-    })
 }

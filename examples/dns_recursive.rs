@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abyss::Server;
-use abyss_examples::dns::{ROOT_SERVERS, Resolver, parse_root_hints, resolver_service};
+use abyss_examples::dns::{ROOT_SERVERS, Resolver, parse_root_hints, service};
 use clap::Parser;
 
 /// Recursive DNS resolver built on Abyss.
@@ -56,9 +56,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.server_port,
         Duration::from_millis(args.timeout_ms),
     ));
-    let handle = Server::bind(args.bind)
-        .serve(resolver_service(resolver))
-        .await?;
+    let handle = Server::bind(args.bind).serve(service(resolver)).await?;
     println!("listening on {}", handle.local_addr());
     abyss_examples::shutdown_signal().await;
     handle.shutdown().await;

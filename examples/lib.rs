@@ -121,3 +121,31 @@ pub fn install_prometheus(addr: std::net::SocketAddr) -> Result<(), Box<dyn std:
         .install()?;
     Ok(())
 }
+
+/// A service for listeners that only print: each datagram is described by
+/// `describe` (or noted as malformed, with `protocol` as the line's first
+/// word) and handed to `sink`; nothing is ever replied.
+pub fn printing_service(
+    protocol: &'static str,
+    describe: fn(std::net::SocketAddr, &[u8]) -> Option<String>,
+    sink: impl Fn(String) + Clone + Send + Sync + 'static,
+) -> impl tower::Service<
+    abyss::Request,
+    Response = Option<abyss::Bytes>,
+    Error = std::convert::Infallible,
+    Future = std::future::Ready<Result<Option<abyss::Bytes>, std::convert::Infallible>>,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |request: abyss::Request| {
+        let line = describe(request.peer(), request.payload()).unwrap_or_else(|| {
+            format!(
+                "{protocol} malformed from {}: {} bytes",
+                request.peer(),
+                request.payload().len()
+            )
+        });
+        sink(line);
+        std::future::ready(Ok(None))
+    })
+}

@@ -340,7 +340,7 @@ host IN A 192.0.2.99
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resolver_walks_root_test_and_example_test_served_by_three_nsd() {
-    use abyss_examples::dns::{Resolver, resolver_service};
+    use abyss_examples::dns::Resolver;
     if skip() {
         return;
     }
@@ -395,7 +395,7 @@ async fn the_resolver_walks_root_test_and_example_test_served_by_three_nsd() {
     ));
     let handle = Server::bind("127.0.0.1:0".parse().unwrap())
         .listeners(1)
-        .serve(resolver_service(resolver))
+        .serve(service(resolver))
         .await
         .unwrap();
     let server = handle.local_addr();
