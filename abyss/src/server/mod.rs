@@ -413,31 +413,55 @@ impl Builder {
         S::Future: Send + 'static,
     {
         let config = self.validate()?;
-        // The options' layers, outermost first, exactly as a user would
-        // stack them by hand.
-        let service = ServiceBuilder::new()
-            .option_layer(config.trace.then(TraceLayer::new))
-            .option_layer(config.max_packet_size.map(SizeLimitLayer::new))
-            .option_layer(config.rate_limiter.as_ref().map(PeerRateLimiter::layer))
-            .option_layer(config.concurrency_limit.map(ConcurrencyLimitLayer::new))
-            .option_layer(config.timeout.map(TimeoutLayer::new))
-            // Every layer fails with BoxError: make the service's error one
-            // too, so that a layer that is off is the same type as one on.
-            .map_err(Into::<BoxError>::into)
-            .service(service);
-        // The Mutex makes the prototype shareable (Sync) without asking the
-        // service to be; it is locked only to clone it when listeners start.
-        let prototype = std::sync::Mutex::new(service);
-        let spawn: handle::Spawn = Arc::new(
-            move |transport: Arc<dyn Transport>, control, counters, settings| {
-                let service = prototype.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let listener =
-                    listener::Listener::new(transport, service, control, counters, settings)?;
-                Ok(tokio::spawn(listener.run()))
-            },
-        );
+        let layered = config.trace
+            || config.max_packet_size.is_some()
+            || config.rate_limiter.is_some()
+            || config.concurrency_limit.is_some()
+            || config.timeout.is_some();
+        let spawn = if layered {
+            // The options' layers, outermost first, exactly as a user would
+            // stack them by hand.
+            spawner(
+                ServiceBuilder::new()
+                    .option_layer(config.trace.then(TraceLayer::new))
+                    .option_layer(config.max_packet_size.map(SizeLimitLayer::new))
+                    .option_layer(config.rate_limiter.as_ref().map(PeerRateLimiter::layer))
+                    .option_layer(config.concurrency_limit.map(ConcurrencyLimitLayer::new))
+                    .option_layer(config.timeout.map(TimeoutLayer::new))
+                    // Every layer fails with BoxError: make the service's
+                    // error one too, so that a layer that is off is the same
+                    // type as one on.
+                    .map_err(Into::<BoxError>::into)
+                    .service(service),
+            )
+        } else {
+            // No option layer: serve the service itself, without the
+            // future of every optional layer wrapped around it.
+            spawner(service)
+        };
         ServerHandle::start(config, spawn)
     }
+}
+
+/// Starts listeners that serve clones of `service`.
+fn spawner<S>(service: S) -> handle::Spawn
+where
+    S: Service<Request> + Clone + Send + 'static,
+    S::Response: IntoReply + Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    // The Mutex makes the prototype shareable (Sync) without asking the
+    // service to be; it is locked only to clone it when listeners start.
+    let prototype = std::sync::Mutex::new(service);
+    Arc::new(
+        move |transport: Arc<dyn Transport>, control, counters, settings| {
+            let service = prototype.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let listener =
+                listener::Listener::new(transport, service, control, counters, settings)?;
+            Ok(tokio::spawn(listener.run()))
+        },
+    )
 }
 
 /// A validated configuration.
