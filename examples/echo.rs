@@ -62,15 +62,33 @@ struct Args {
     /// peer arrive as one buffer.
     #[arg(long)]
     gro: bool,
+    /// Run on one thread (a current-thread tokio runtime) instead of one
+    /// worker per core.
+    #[arg(long)]
+    current_thread: bool,
     /// Serve with no middleware at all (not even the packet-size limit).
     #[arg(long, conflicts_with_all = ["rate_limit", "timeout_ms", "concurrency_limit", "trace"])]
     no_layers: bool,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     abyss_examples::init_tracing();
-    abyss_examples::report(run(Args::parse()).await)
+    let args = Args::parse();
+    // One thread needs no work stealing: a current-thread runtime wakes the
+    // listener with less machinery.
+    let runtime = if args.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match runtime {
+        Ok(runtime) => abyss_examples::report(runtime.block_on(run(args))),
+        Err(error) => abyss_examples::report::<dyn std::error::Error>(Err(error.into())),
+    }
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
