@@ -515,3 +515,88 @@ async fn receive_and_send_errors_are_counted_and_the_listener_goes_on() {
     );
     handle.shutdown().await;
 }
+
+/// A memory transport that claims GSO but whose path refuses it (EIO), as a
+/// device without checksum offload does.
+#[derive(Debug)]
+struct NoGsoPath(MemoryTransport);
+
+impl Transport for NoGsoPath {
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        self.0.poll_recv(cx, bufs, meta)
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        transmits: &[Transmit<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if transmits[0].segment_size.is_some() {
+            return Poll::Ready(Err(std::io::Error::from_raw_os_error(5))); // EIO
+        }
+        // Only the transmits before the first GSO one go out in this call.
+        let plain = transmits
+            .iter()
+            .take_while(|t| t.segment_size.is_none())
+            .count();
+        self.0.poll_send(cx, &transmits[..plain])
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn max_receive_batch(&self) -> usize {
+        32
+    }
+
+    fn max_transmit_batch(&self) -> usize {
+        32
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        64
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NoGsoNetwork(MemoryNetwork);
+
+impl abyss::transport::Bind for NoGsoNetwork {
+    fn bind_group(
+        &self,
+        addr: SocketAddr,
+        _count: usize,
+    ) -> std::io::Result<Vec<Arc<dyn Transport>>> {
+        Ok(vec![Arc::new(NoGsoPath(self.0.bind(addr)?))])
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn replies_fall_back_to_one_datagram_each_when_the_path_refuses_gso() {
+    let net = MemoryNetwork::new();
+    let handle = Server::bind(SERVER.parse().unwrap())
+        .listeners(1)
+        .transport(NoGsoNetwork(net.clone()))
+        .serve(service_fn(|r: Request| async move {
+            Ok::<_, Infallible>(r.into_payload())
+        }))
+        .await
+        .unwrap();
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    // Five same-sized datagrams from one peer: a GSO run for the driver.
+    for i in 0..5u8 {
+        send(&client, handle.local_addr(), &[i; 8]).await;
+    }
+    run_until_idle().await;
+    let replies: Vec<Vec<u8>> = drain(&client).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(replies, (0..5u8).map(|i| vec![i; 8]).collect::<Vec<_>>());
+    let stats = handle.stats();
+    assert_eq!((stats.replied, stats.dropped.send_failed), (5, 0));
+    handle.shutdown().await;
+}
