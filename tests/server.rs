@@ -590,3 +590,31 @@ async fn a_gso_burst_to_a_gro_server_is_answered_datagram_by_datagram() {
     assert_eq!(stats.received, 10, "counted per datagram, not per buffer");
     handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_gro_buffer_is_checked_datagram_by_datagram_against_the_size_limit() {
+    use abyss::transport::{Transmit, Transport, UdpTransport};
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .max_datagram_size(32)
+        .udp_options(UdpOptions::new().gro(true))
+        .serve(echo())
+        .await
+        .unwrap();
+    let client = UdpTransport::bind(loopback(), &UdpOptions::new()).unwrap();
+    if client.max_transmit_segments() < 2 {
+        eprintln!("skipped: this kernel has no UDP GSO");
+        return;
+    }
+    // Four 64-byte datagrams, over the 32-byte limit, coalesced on arrival.
+    let burst = [7u8; 256];
+    let mut transmit = Transmit::new(handle.local_addr(), &burst);
+    transmit.segment_size = Some(64);
+    std::future::poll_fn(|cx| client.poll_send(cx, std::slice::from_ref(&transmit)))
+        .await
+        .unwrap();
+    let stats = wait_for_stats(&handle, "four truncated", |s| s.dropped.truncated == 4).await;
+    assert_eq!((stats.received, stats.replied), (4, 0));
+    assert_accounted(&stats);
+    handle.shutdown().await;
+}
