@@ -166,13 +166,19 @@ impl UdpOptions {
     }
 
     /// Joins an IPv4 multicast group when the socket is opened.
+    ///
+    /// The kernel hands every multicast (and broadcast) datagram to each
+    /// socket bound to the port, `SO_REUSEPORT` group or not: a multicast
+    /// server should run one listener, or each datagram is handled once per
+    /// listener.
     #[must_use]
     pub fn join_multicast_v4(mut self, membership: MulticastV4) -> Self {
         self.multicast_v4.push(membership);
         self
     }
 
-    /// Joins an IPv6 multicast group when the socket is opened.
+    /// Joins an IPv6 multicast group when the socket is opened (see
+    /// [`join_multicast_v4`](UdpOptions::join_multicast_v4) on listeners).
     #[must_use]
     pub fn join_multicast_v6(mut self, membership: MulticastV6) -> Self {
         self.multicast_v6.push(membership);

@@ -192,6 +192,10 @@ impl Builder {
     /// Listener tasks, each with its own `SO_REUSEPORT` socket on the same
     /// port so the kernel spreads peers across them (the original's
     /// `num_listeners`/`num_acceptors`). Default: the available parallelism.
+    ///
+    /// Multicast and broadcast datagrams reach every socket on the port, so
+    /// a server that receives them (mDNS, DHCP) should use one listener, or
+    /// it handles each of them once per listener.
     pub fn listeners(mut self, listeners: usize) -> Self {
         self.listeners = Some(listeners);
         self
