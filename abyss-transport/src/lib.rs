@@ -16,7 +16,7 @@
 //!   (`recvmmsg`/`sendmmsg`), reports the destination address of each
 //!   datagram (`IP_PKTINFO` / `IPV6_RECVPKTINFO`), can send from a chosen
 //!   source address, detects truncated datagrams and reads the kernel's drop
-//!   counter (`SO_RXQ_OVFL`).
+//!   counter (`SO_MEMINFO`).
 //! * `MemoryNetwork` (feature `memory`): an in-process, deterministic
 //!   datagram network for tests.
 //!

@@ -426,6 +426,7 @@ impl Bind for UdpOptions {
 pub struct UdpTransport {
     io: tokio::net::UdpSocket,
     local: SocketAddr,
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
     state: imp::State,
     segments: imp::Segments,
 }
@@ -458,7 +459,8 @@ impl UdpTransport {
         Ok(Self {
             io: tokio::net::UdpSocket::from_std(socket)?,
             local,
-            state: imp::State::new(),
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            state: imp::State::default(),
             segments,
         })
     }
@@ -494,6 +496,30 @@ impl UdpTransport {
 }
 
 impl UdpTransport {
+    /// Runs `op` once the socket is ready for `interest`, waiting again
+    /// whenever it would block.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn poll_io<T>(
+        &self,
+        cx: &mut Context<'_>,
+        interest: Interest,
+        mut op: impl FnMut() -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        loop {
+            match self.io.try_io(interest, &mut op) {
+                // Readiness was cleared by try_io; wait for the next edge.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if interest.is_readable() {
+                        ready!(self.io.poll_recv_ready(cx))?;
+                    } else {
+                        ready!(self.io.poll_send_ready(cx))?;
+                    }
+                }
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
     /// One `recvmmsg` per call.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     fn poll_recv_batch(
@@ -503,17 +529,7 @@ impl UdpTransport {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.io);
-        loop {
-            match self.io.try_io(Interest::READABLE, || {
-                mmsg::recv(fd, &self.state, bufs, meta)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Readiness was cleared by try_io; wait for the next edge.
-                    ready!(self.io.poll_recv_ready(cx))?;
-                }
-                result => return Poll::Ready(result),
-            }
-        }
+        self.poll_io(cx, Interest::READABLE, || mmsg::recv(fd, bufs, meta))
     }
 
     /// One `recvmsg` per datagram, until the socket is empty or the batch
@@ -525,6 +541,9 @@ impl UdpTransport {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        if let Some(error) = self.state.take_deferred_error() {
+            return Poll::Ready(Err(error));
+        }
         let max = bufs.len().min(meta.len());
         let mut filled = 0;
         while filled < max {
@@ -557,17 +576,9 @@ impl UdpTransport {
         transmits: &[Transmit<'_>],
     ) -> Poll<io::Result<usize>> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.io);
-        loop {
-            match self
-                .io
-                .try_io(Interest::WRITABLE, || mmsg::send(fd, self.local, transmits))
-            {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.io.poll_send_ready(cx))?;
-                }
-                result => return Poll::Ready(result),
-            }
-        }
+        self.poll_io(cx, Interest::WRITABLE, || {
+            mmsg::send(fd, self.local, transmits)
+        })
     }
 
     /// One `sendmsg` per datagram.
@@ -608,9 +619,6 @@ impl Transport for UdpTransport {
         if bufs.is_empty() || meta.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if let Some(error) = self.state.take_deferred_error() {
-            return Poll::Ready(Err(error));
-        }
         self.poll_recv_batch(cx, bufs, meta)
     }
 
@@ -639,10 +647,9 @@ impl Transport for UdpTransport {
 
     fn kernel_drops(&self) -> Option<u64> {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Some(drops) = mmsg::drops(std::os::fd::AsRawFd::as_raw_fd(&self.io)) {
-            return Some(drops);
-        }
-        self.state.kernel_drops()
+        return mmsg::drops(std::os::fd::AsRawFd::as_raw_fd(&self.io));
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        None
     }
 
     fn max_receive_segments(&self) -> usize {

@@ -1,6 +1,7 @@
 //! Batched `recvmmsg`/`sendmmsg` on Linux, with the metadata the plain path
-//! reads (truncation, destination address, kernel drop counter) and source
-//! addresses and GSO segment sizes on send.
+//! reads (truncation, destination address, GRO segment size), source
+//! addresses and GSO segment sizes on send, and the kernel's drop counter
+//! (`SO_MEMINFO`).
 //!
 //! This is the one module of the project with `unsafe` code: the message
 //! headers point into buffers on this function's stack. No well-kept crate
@@ -17,16 +18,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use std::os::fd::RawFd;
 use std::ptr;
 
-use super::imp::State;
 use crate::{RecvMeta, Transmit};
 
 /// Datagrams moved per system call at most.
 pub(super) const BATCH: usize = 32;
 
 /// Control space per message: `in6_pktinfo` (20 bytes) and `in_pktinfo`
-/// (12), the drop counter (4) and the GRO segment size (4), each behind a
-/// 16-byte header, rounded up.
-const CONTROL: usize = 128;
+/// (12) and the GRO segment size (4), each behind a 16-byte header, rounded
+/// up.
+const CONTROL: usize = 96;
 
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
@@ -35,7 +35,6 @@ struct Control([MaybeUninit<u8>; CONTROL]);
 /// Receives up to `min(bufs, meta, BATCH)` datagrams with one `recvmmsg`.
 pub(super) fn recv(
     fd: RawFd,
-    state: &State,
     bufs: &mut [IoSliceMut<'_>],
     meta: &mut [RecvMeta],
 ) -> io::Result<usize> {
@@ -88,19 +87,20 @@ pub(super) fn recv(
         // the messages that did fit are still read.
         // SAFETY: `header` is a header the kernel filled in; its control
         // pointer and (updated) length describe `controls[i]`.
-        unsafe { decode_control(header, state, &mut m) };
+        unsafe { decode_control(header, &mut m) };
         meta[i] = m;
     }
     Ok(received)
 }
 
-/// Reads the destination address and drop counter from a received header.
+/// Reads the destination address and GRO segment size from a received
+/// header.
 ///
 /// # Safety
 ///
 /// `header` must be a `msghdr` filled in by `recvmsg`/`recvmmsg`, whose
 /// `msg_control`/`msg_controllen` describe valid memory.
-unsafe fn decode_control(header: &libc::msghdr, state: &State, meta: &mut RecvMeta) {
+unsafe fn decode_control(header: &libc::msghdr, meta: &mut RecvMeta) {
     // SAFETY: guaranteed by the caller; CMSG_FIRSTHDR/CMSG_NXTHDR stay within
     // `msg_controllen` and return null past the end.
     let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(header) };
@@ -130,11 +130,6 @@ unsafe fn decode_control(header: &libc::msghdr, state: &State, meta: &mut RecvMe
                 if stride > 0 {
                     meta.stride = stride as usize;
                 }
-            }
-            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
-                // SAFETY: an SO_RXQ_OVFL payload is a `u32`.
-                let drops = unsafe { ptr::read_unaligned(data.cast::<u32>()) };
-                state.set_kernel_drops(drops);
             }
             _ => {}
         }

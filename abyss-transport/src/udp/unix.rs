@@ -4,30 +4,18 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-#[cfg(any(target_os = "linux", target_os = "android"))]
-use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Per-socket state shared by receive calls.
-#[derive(Debug)]
+/// Per-socket state of the one-datagram path: an error met after part of a
+/// batch was filled, reported on the next call (`recvmmsg` reports such
+/// errors itself).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+#[derive(Debug, Default)]
 pub(super) struct State {
-    /// The kernel's drop counter as carried by the last datagram received.
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    drops: AtomicU64,
-    /// An error met after part of a batch was filled, reported next call.
-    deferred: Mutex<Option<io::Error>>,
+    deferred: std::sync::Mutex<Option<io::Error>>,
 }
 
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
 impl State {
-    pub(super) fn new() -> Self {
-        Self {
-            #[cfg(any(target_os = "linux", target_os = "android"))]
-            drops: AtomicU64::new(0),
-            deferred: Mutex::new(None),
-        }
-    }
-
-    #[cfg_attr(any(target_os = "linux", target_os = "android"), allow(dead_code))]
     pub(super) fn defer_error(&self, error: io::Error) {
         *self.deferred.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
@@ -37,21 +25,6 @@ impl State {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-    }
-
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    pub(super) fn set_kernel_drops(&self, drops: u32) {
-        self.drops.store(u64::from(drops), Ordering::Relaxed);
-    }
-
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    pub(super) fn kernel_drops(&self) -> Option<u64> {
-        Some(self.drops.load(Ordering::Relaxed))
-    }
-
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    pub(super) fn kernel_drops(&self) -> Option<u64> {
-        None
     }
 }
 
@@ -90,7 +63,7 @@ impl Segments {
     }
 }
 
-/// Asks the kernel for the destination address and the drop counter.
+/// Asks the kernel for the destination address of each datagram.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(super) fn enable_metadata(socket: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
@@ -102,7 +75,6 @@ pub(super) fn enable_metadata(socket: &socket2::Socket, addr: SocketAddr) -> io:
         // IPv6-only socket refuses the option, which is fine.
         let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &true);
     }
-    setsockopt(socket, sockopt::RxqOvfl, &1)?;
     Ok(())
 }
 
