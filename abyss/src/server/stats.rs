@@ -103,17 +103,53 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// How many outcomes are counted apart.
+    pub(crate) const COUNT: usize = 14;
+
+    /// Names of the counted outcomes, by [`Outcome::index`].
+    pub(crate) const NAMES: [&'static str; Self::COUNT] = [
+        "replied",
+        "no_reply",
+        "truncated",
+        "handler_error",
+        "panicked",
+        "refused_destination",
+        "send_failed",
+        "aborted",
+        "too_large",
+        "rate_limited",
+        "timed_out",
+        "overloaded",
+        "amplification",
+        "denied",
+    ];
+
+    /// The slot this outcome is counted in. `DropReason` is non_exhaustive:
+    /// a reason this driver does not know yet counts as a policy drop.
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Outcome::Replied => 0,
+            Outcome::NoReply => 1,
+            Outcome::Truncated => 2,
+            Outcome::HandlerError => 3,
+            Outcome::Panicked => 4,
+            Outcome::RefusedDestination => 5,
+            Outcome::SendFailed => 6,
+            Outcome::Aborted => 7,
+            Outcome::Layer(DropReason::TooLarge) => 8,
+            Outcome::Layer(DropReason::RateLimited) => 9,
+            Outcome::Layer(DropReason::TimedOut) => 10,
+            Outcome::Layer(DropReason::Overloaded) => 11,
+            Outcome::Layer(DropReason::Amplification) => 12,
+            Outcome::Layer(_) => 13,
+        }
+    }
+
+    /// The name logged with a datagram's outcome.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Outcome::Replied => "replied",
-            Outcome::NoReply => "no_reply",
-            Outcome::Truncated => "truncated",
-            Outcome::HandlerError => "handler_error",
-            Outcome::Panicked => "panicked",
-            Outcome::RefusedDestination => "refused_destination",
-            Outcome::SendFailed => "send_failed",
-            Outcome::Aborted => "aborted",
             Outcome::Layer(reason) => reason.as_str(),
+            other => Self::NAMES[other.index()],
         }
     }
 }
@@ -132,20 +168,8 @@ impl std::fmt::Debug for Counters {
 #[repr(align(128))]
 pub(crate) struct Counters {
     received: AtomicU64,
-    replied: AtomicU64,
-    no_reply: AtomicU64,
-    truncated: AtomicU64,
-    handler_error: AtomicU64,
-    panicked: AtomicU64,
-    refused_destination: AtomicU64,
-    send_failed: AtomicU64,
-    aborted: AtomicU64,
-    too_large: AtomicU64,
-    rate_limited: AtomicU64,
-    timed_out: AtomicU64,
-    overloaded: AtomicU64,
-    denied: AtomicU64,
-    amplification: AtomicU64,
+    /// Finished datagrams, by [`Outcome::index`].
+    outcomes: [AtomicU64; Outcome::COUNT],
     receive_errors: AtomicU64,
     reads_paused: AtomicU64,
     /// Kernel drops of sockets this listener had before (suspend/resume).
@@ -174,26 +198,7 @@ impl Counters {
     /// Acquire in [`Counters::add_to`] so a snapshot never sees an outcome
     /// without the receive that preceded it.
     pub(crate) fn finished(&self, outcome: Outcome, n: u64) {
-        let counter = match outcome {
-            Outcome::Replied => &self.replied,
-            Outcome::NoReply => &self.no_reply,
-            Outcome::Truncated => &self.truncated,
-            Outcome::HandlerError => &self.handler_error,
-            Outcome::Panicked => &self.panicked,
-            Outcome::RefusedDestination => &self.refused_destination,
-            Outcome::SendFailed => &self.send_failed,
-            Outcome::Aborted => &self.aborted,
-            Outcome::Layer(DropReason::TooLarge) => &self.too_large,
-            Outcome::Layer(DropReason::RateLimited) => &self.rate_limited,
-            Outcome::Layer(DropReason::TimedOut) => &self.timed_out,
-            Outcome::Layer(DropReason::Overloaded) => &self.overloaded,
-            Outcome::Layer(DropReason::Denied) => &self.denied,
-            Outcome::Layer(DropReason::Amplification) => &self.amplification,
-            // DropReason is non_exhaustive: a reason this driver does not
-            // know yet still counts as a policy drop.
-            Outcome::Layer(_) => &self.denied,
-        };
-        counter.fetch_add(n, Ordering::Release);
+        self.outcomes[outcome.index()].fetch_add(n, Ordering::Release);
         #[cfg(feature = "metrics")]
         self.metrics.finished(outcome, n);
     }
@@ -244,43 +249,28 @@ impl Counters {
 
     /// Adds this listener's counters to `stats`.
     pub(crate) fn add_to(&self, stats: &mut Stats) {
-        let load = |c: &AtomicU64| c.load(Ordering::Acquire);
-        let d = &mut stats.dropped;
-        let replied = load(&self.replied);
-        let no_reply = load(&self.no_reply);
-        let drops = Drops {
-            truncated: load(&self.truncated),
-            handler_error: load(&self.handler_error),
-            panicked: load(&self.panicked),
-            refused_destination: load(&self.refused_destination),
-            send_failed: load(&self.send_failed),
-            aborted: load(&self.aborted),
-            too_large: load(&self.too_large),
-            rate_limited: load(&self.rate_limited),
-            timed_out: load(&self.timed_out),
-            overloaded: load(&self.overloaded),
-            denied: load(&self.denied),
-            amplification: load(&self.amplification),
-        };
+        let o: [u64; Outcome::COUNT] =
+            std::array::from_fn(|i| self.outcomes[i].load(Ordering::Acquire));
         // Loaded after every outcome, so it is never smaller than their sum.
-        let received = load(&self.received);
-        let finished = replied + no_reply + drops.total();
+        let received = self.received.load(Ordering::Acquire);
+        let finished: u64 = o.iter().sum();
         stats.received += received;
-        stats.replied += replied;
-        stats.no_reply += no_reply;
         stats.in_flight += received.saturating_sub(finished);
-        d.truncated += drops.truncated;
-        d.handler_error += drops.handler_error;
-        d.panicked += drops.panicked;
-        d.refused_destination += drops.refused_destination;
-        d.send_failed += drops.send_failed;
-        d.aborted += drops.aborted;
-        d.too_large += drops.too_large;
-        d.rate_limited += drops.rate_limited;
-        d.timed_out += drops.timed_out;
-        d.overloaded += drops.overloaded;
-        d.denied += drops.denied;
-        d.amplification += drops.amplification;
+        stats.replied += o[0];
+        stats.no_reply += o[1];
+        let d = &mut stats.dropped;
+        d.truncated += o[2];
+        d.handler_error += o[3];
+        d.panicked += o[4];
+        d.refused_destination += o[5];
+        d.send_failed += o[6];
+        d.aborted += o[7];
+        d.too_large += o[8];
+        d.rate_limited += o[9];
+        d.timed_out += o[10];
+        d.overloaded += o[11];
+        d.amplification += o[12];
+        d.denied += o[13];
         stats.receive_errors += self.receive_errors.load(Ordering::Relaxed);
         stats.reads_paused += self.reads_paused.load(Ordering::Relaxed);
         if let Some(drops) = self.kernel_drops_now() {
@@ -296,7 +286,7 @@ impl Counters {
 /// | metric | kind | meaning |
 /// | --- | --- | --- |
 /// | `abyss_datagrams_received_total` | counter | datagrams taken from the sockets |
-/// | `abyss_datagrams_total{outcome}` | counter | datagrams finished, by outcome: `replied`, `no_reply`, or a drop reason (`truncated`, `too_large`, `rate_limited`, `timed_out`, `overloaded`, `denied`, `handler_error`, `panicked`, `refused_destination`, `send_failed`, `aborted`) |
+/// | `abyss_datagrams_total{outcome}` | counter | datagrams finished, by outcome: `replied`, `no_reply`, or a drop reason (`truncated`, `too_large`, `rate_limited`, `timed_out`, `overloaded`, `amplification`, `denied`, `handler_error`, `panicked`, `refused_destination`, `send_failed`, `aborted`) |
 /// | `abyss_in_flight` | gauge | datagrams received and not finished |
 /// | `abyss_receive_errors_total` | counter | failed receive calls |
 /// | `abyss_handling_seconds` | histogram | receipt to outcome, per datagram |
@@ -306,27 +296,10 @@ pub(crate) mod metrics_export {
 
     use super::Outcome;
 
-    const OUTCOMES: [&str; 14] = [
-        "replied",
-        "no_reply",
-        "truncated",
-        "handler_error",
-        "panicked",
-        "refused_destination",
-        "send_failed",
-        "aborted",
-        "too_large",
-        "rate_limited",
-        "timed_out",
-        "overloaded",
-        "amplification",
-        "denied",
-    ];
-
     #[derive(Debug)]
     pub(crate) struct Handles {
         received: Counter,
-        outcomes: [Counter; 14],
+        outcomes: [Counter; Outcome::COUNT],
         in_flight: Gauge,
         pub(crate) receive_errors: Counter,
         pub(crate) handling: Histogram,
@@ -336,7 +309,7 @@ pub(crate) mod metrics_export {
         fn default() -> Self {
             Self {
                 received: metrics::counter!("abyss_datagrams_received_total"),
-                outcomes: OUTCOMES.map(
+                outcomes: Outcome::NAMES.map(
                     |outcome| metrics::counter!("abyss_datagrams_total", "outcome" => outcome),
                 ),
                 in_flight: metrics::gauge!("abyss_in_flight"),
@@ -353,15 +326,78 @@ pub(crate) mod metrics_export {
         }
 
         pub(crate) fn finished(&self, outcome: Outcome, n: u64) {
-            // A reason this driver does not know yet counts as `denied`, as
-            // in the stats.
-            let name = outcome.as_str();
-            let index = OUTCOMES
-                .iter()
-                .position(|o| *o == name)
-                .unwrap_or(OUTCOMES.len() - 1);
-            self.outcomes[index].increment(n);
+            self.outcomes[outcome.index()].increment(n);
             self.in_flight.decrement(n as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_layer_reason_is_counted_in_the_slot_named_after_it() {
+        for reason in [
+            DropReason::TooLarge,
+            DropReason::RateLimited,
+            DropReason::TimedOut,
+            DropReason::Overloaded,
+            DropReason::Amplification,
+            DropReason::Denied,
+        ] {
+            assert_eq!(
+                Outcome::NAMES[Outcome::Layer(reason).index()],
+                reason.as_str()
+            );
+        }
+    }
+
+    #[test]
+    fn each_outcome_lands_in_its_own_field_of_the_stats() {
+        let counters = Counters::default();
+        let outcomes = [
+            Outcome::Replied,
+            Outcome::NoReply,
+            Outcome::Truncated,
+            Outcome::HandlerError,
+            Outcome::Panicked,
+            Outcome::RefusedDestination,
+            Outcome::SendFailed,
+            Outcome::Aborted,
+            Outcome::Layer(DropReason::TooLarge),
+            Outcome::Layer(DropReason::RateLimited),
+            Outcome::Layer(DropReason::TimedOut),
+            Outcome::Layer(DropReason::Overloaded),
+            Outcome::Layer(DropReason::Amplification),
+            Outcome::Layer(DropReason::Denied),
+        ];
+        counters.received(105);
+        // Outcome i is counted i + 1 times, so every field has its own value.
+        for (i, outcome) in outcomes.iter().enumerate() {
+            counters.finished(*outcome, i as u64 + 1);
+        }
+        let mut stats = Stats::default();
+        counters.add_to(&mut stats);
+        let d = stats.dropped;
+        assert_eq!((stats.replied, stats.no_reply), (1, 2));
+        assert_eq!(
+            [
+                d.truncated,
+                d.handler_error,
+                d.panicked,
+                d.refused_destination,
+                d.send_failed,
+                d.aborted,
+                d.too_large,
+                d.rate_limited,
+                d.timed_out,
+                d.overloaded,
+                d.amplification,
+                d.denied
+            ],
+            [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+        );
+        assert_eq!(stats.in_flight, 0);
     }
 }
