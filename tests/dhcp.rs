@@ -2,9 +2,7 @@
 //! second network namespace, joined to the listener's by a veth pair.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::mpsc;
 
-use abyss::Server;
 use abyss::transport::UdpOptions;
 use abyss_tests::{Netns, PATIENCE, veth};
 
@@ -35,32 +33,12 @@ fn a_discover_from_udhcpc_is_printed_with_its_mac_and_requests() {
         "02:ab:55:00:00:01",
     ]);
 
-    let (lines, printed) = mpsc::channel::<String>();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ready, is_ready) = mpsc::channel::<()>();
-    let listener = server_ns.spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let sink = move |line: String| {
-                let _ = lines.send(line);
-            };
-            let handle = Server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 67)))
-                .listeners(1)
-                .udp_options(UdpOptions::new().broadcast(true).reuse_address(true))
-                .serve(abyss_examples::dhcp::service(sink))
-                .await
-                .expect("serve DHCP in the namespace");
-            ready.send(()).unwrap();
-            let _ = stopped.await;
-            handle.shutdown().await;
-        });
-    });
-    is_ready
-        .recv_timeout(PATIENCE)
-        .expect("the listener started");
+    let listener = server_ns.serve_printing(
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 67)),
+        UdpOptions::new().broadcast(true).reuse_address(true),
+        "dhcp",
+        abyss_examples::dhcp::describe,
+    );
 
     // One discover, no lease to wait for: udhcpc gives up after 1 s.
     let _ = client_ns
@@ -80,7 +58,8 @@ fn a_discover_from_udhcpc_is_printed_with_its_mac_and_requests() {
         ])
         .output()
         .expect("run udhcpc");
-    let line = printed
+    let line = listener
+        .lines
         .recv_timeout(PATIENCE)
         .expect("a line for the discover");
     assert!(
@@ -91,6 +70,5 @@ fn a_discover_from_udhcpc_is_printed_with_its_mac_and_requests() {
         line.contains("SubnetMask"),
         "udhcpc asks for the subnet mask: {line}"
     );
-    stop.send(()).unwrap();
-    listener.join().unwrap();
+    drop(listener);
 }

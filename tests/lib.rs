@@ -196,3 +196,69 @@ pub fn veth(a: &Netns, left: &str, b: &Netns, right: &str) {
     a.run(&["ip", "link", "set", left, "up"]);
     b.run(&["ip", "link", "set", right, "up"]);
 }
+
+/// A printing listener of the examples (DHCP, mDNS) serving from inside a
+/// namespace; stopped gracefully when dropped.
+#[derive(Debug)]
+pub struct NetnsListener {
+    /// The lines it printed.
+    pub lines: std::sync::mpsc::Receiver<String>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Netns {
+    /// Serves the examples' printing listener for `protocol` (lines made by
+    /// `describe`) on `addr` with `options`, one listener, from a thread
+    /// inside the namespace. Returns once it is bound.
+    pub fn serve_printing(
+        &self,
+        addr: SocketAddr,
+        options: abyss::UdpOptions,
+        protocol: &'static str,
+        describe: fn(SocketAddr, &[u8]) -> Option<String>,
+    ) -> NetnsListener {
+        let (lines, printed) = std::sync::mpsc::channel::<String>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, is_ready) = std::sync::mpsc::channel::<()>();
+        let thread = self.spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let sink = move |line: String| {
+                    let _ = lines.send(line);
+                };
+                let handle = abyss::Server::bind(addr)
+                    .listeners(1)
+                    .udp_options(options)
+                    .serve(abyss_examples::printing_service(protocol, describe, sink))
+                    .await
+                    .expect("serve in the namespace");
+                ready.send(()).unwrap();
+                let _ = stopped.await;
+                handle.shutdown().await;
+            });
+        });
+        is_ready
+            .recv_timeout(PATIENCE)
+            .expect("the listener started");
+        NetnsListener {
+            lines: printed,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for NetnsListener {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

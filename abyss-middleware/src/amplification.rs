@@ -26,7 +26,8 @@ use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
-use crate::{Datagram, DropReason, Dropped, LISTENER_TARGET};
+use crate::targets::LISTENER;
+use crate::{Datagram, DropReason, Dropped};
 
 /// Decides whether a peer has proven it owns its address.
 pub trait Validate: Send + Sync + 'static {
@@ -216,7 +217,7 @@ where
         if let Some(limit) = *this.limit {
             let size = response.reply_size();
             if size > limit {
-                tracing::debug!(target: LISTENER_TARGET, peer = %this.peer, size, limit, "amplification_limited");
+                tracing::debug!(target: LISTENER, peer = %this.peer, size, limit, "amplification_limited");
                 return Poll::Ready(Err(Dropped::new(DropReason::Amplification).into()));
             }
         }

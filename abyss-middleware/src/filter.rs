@@ -8,7 +8,8 @@ use ipnet::IpNet;
 use tower::{BoxError, Layer, Service};
 
 use crate::future::ResponseFuture;
-use crate::{Datagram, DropReason, LISTENER_TARGET};
+use crate::targets::LISTENER;
+use crate::{Datagram, DropReason};
 
 /// Which peers may be served: a deny list that always wins, and an allow
 /// list that, when not empty, admits only its blocks. IPv4 peers seen
@@ -114,7 +115,7 @@ where
     fn call(&mut self, request: R) -> Self::Future {
         let peer = request.peer();
         if !self.filter.admits(peer) {
-            tracing::debug!(target: LISTENER_TARGET, peer = %peer, "peer_denied");
+            tracing::debug!(target: LISTENER, peer = %peer, "peer_denied");
             return ResponseFuture::rejected(DropReason::Denied);
         }
         ResponseFuture::inner(self.inner.call(request))

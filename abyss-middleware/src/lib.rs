@@ -77,6 +77,12 @@ pub use rate_limit::{
 pub use size_limit::SizeLimitLayer;
 pub use trace::TraceLayer;
 
-/// Targets of the tracing events the layers emit, matching the original's
-/// `[:abyss, :listener, ...]` telemetry names.
-pub(crate) const LISTENER_TARGET: &str = "abyss::listener";
+/// The tracing targets of Abyss's events, matching the original's
+/// `[:abyss, :listener, ...]` and `[:abyss, :connection, ...]` telemetry
+/// families; filter on them (`RUST_LOG=abyss::connection=trace`).
+pub mod targets {
+    /// Listener-wide events, and the layers' drop decisions.
+    pub const LISTENER: &str = "abyss::listener";
+    /// Per-datagram events.
+    pub const CONNECTION: &str = "abyss::connection";
+}

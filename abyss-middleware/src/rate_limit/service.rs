@@ -8,7 +8,8 @@ use super::PeerRateLimiter;
 use super::limiter::Checker;
 use super::table::at_arrival;
 use crate::future::ResponseFuture;
-use crate::{Datagram, DropReason, LISTENER_TARGET};
+use crate::targets::LISTENER;
+use crate::{Datagram, DropReason};
 
 /// Drops datagrams from peers over their quota; see the [module docs](super).
 pub struct PeerRateLimit<S, K = std::net::IpAddr> {
@@ -81,7 +82,7 @@ where
         let key = (self.limiter.shared.key)(peer);
         let arrival = tokio::time::Instant::from_std(request.received_at());
         if !at_arrival(arrival, || self.governor.check(&key)) {
-            tracing::debug!(target: LISTENER_TARGET, peer = %peer, "rate_limit_exceeded");
+            tracing::debug!(target: LISTENER, peer = %peer, "rate_limit_exceeded");
             return ResponseFuture::rejected(DropReason::RateLimited);
         }
         ResponseFuture::inner(self.inner.call(request))

@@ -3,7 +3,8 @@ use std::task::{Context, Poll};
 use tower::{BoxError, Service};
 
 use crate::future::ResponseFuture;
-use crate::{Datagram, DropReason, LISTENER_TARGET};
+use crate::targets::LISTENER;
+use crate::{Datagram, DropReason};
 
 /// Drops datagrams over a size limit; see the [module docs](super).
 #[derive(Debug, Clone)]
@@ -52,7 +53,7 @@ where
         let size = request.payload_len();
         if size > self.max_bytes {
             tracing::debug!(
-                target: LISTENER_TARGET,
+                target: LISTENER,
                 peer = %request.peer(),
                 size,
                 limit = self.max_bytes,

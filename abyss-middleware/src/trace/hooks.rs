@@ -3,6 +3,7 @@ use std::time::Duration;
 use tower::BoxError;
 use tracing::{Level, Span};
 
+use crate::targets::CONNECTION;
 use crate::{Datagram, drop_reason};
 
 /// Makes the span a datagram is handled in.
@@ -96,11 +97,11 @@ impl DefaultMakeSpan {
 macro_rules! datagram_span {
     ($level:expr, $request:expr) => {
         match $level {
-            Level::ERROR => tracing::error_span!(target: "abyss::connection", "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
-            Level::WARN => tracing::warn_span!(target: "abyss::connection", "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
-            Level::INFO => tracing::info_span!(target: "abyss::connection", "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
-            Level::DEBUG => tracing::debug_span!(target: "abyss::connection", "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
-            Level::TRACE => tracing::trace_span!(target: "abyss::connection", "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
+            Level::ERROR => tracing::error_span!(target: CONNECTION, "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
+            Level::WARN => tracing::warn_span!(target: CONNECTION, "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
+            Level::INFO => tracing::info_span!(target: CONNECTION, "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
+            Level::DEBUG => tracing::debug_span!(target: CONNECTION, "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
+            Level::TRACE => tracing::trace_span!(target: CONNECTION, "datagram", peer = %$request.peer(), local = %$request.local(), len = $request.payload_len()),
         }
     };
 }
@@ -125,7 +126,7 @@ pub struct DefaultOnReply;
 
 impl<T> OnReply<T> for DefaultOnReply {
     fn on_reply(self, _response: &T, latency: Duration, _span: &Span) {
-        tracing::debug!(target: "abyss::connection", latency_us = latency.as_micros() as u64, "reply");
+        tracing::debug!(target: CONNECTION, latency_us = latency.as_micros() as u64, "reply");
     }
 }
 
@@ -139,10 +140,10 @@ impl OnFailure for DefaultOnFailure {
         let latency_us = latency.as_micros() as u64;
         match drop_reason(&**error) {
             Some(reason) => {
-                tracing::debug!(target: "abyss::connection", reason = reason.as_str(), latency_us, "dropped")
+                tracing::debug!(target: CONNECTION, reason = reason.as_str(), latency_us, "dropped")
             }
             None => {
-                tracing::warn!(target: "abyss::connection", error = %error, latency_us, "failed")
+                tracing::warn!(target: CONNECTION, error = %error, latency_us, "failed")
             }
         }
     }

@@ -180,7 +180,7 @@ impl ServerHandle {
                 .await
                 .is_err()
             {
-                tracing::warn!(target: "abyss::listener", "shutdown hooks outlived the shutdown timeout");
+                tracing::warn!(target: crate::middleware::targets::LISTENER, "shutdown hooks outlived the shutdown timeout");
             }
         };
         let (report, ()) = tokio::join!(stop(listeners), hooks);
@@ -277,7 +277,7 @@ async fn stop(listeners: Vec<Running>) -> DrainReport {
         match listener.task.await {
             Ok(r) => report += r,
             Err(error) => {
-                tracing::error!(target: "abyss::listener", %error, "listener task failed")
+                tracing::error!(target: crate::middleware::targets::LISTENER, %error, "listener task failed")
             }
         }
     }

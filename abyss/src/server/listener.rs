@@ -25,8 +25,7 @@ use crate::middleware::drop_reason;
 use crate::transport::{RecvMeta, Transmit, Transport};
 use crate::{IntoReply, Request, SendHandle};
 
-const LISTENER: &str = "abyss::listener";
-const CONNECTION: &str = "abyss::connection";
+use crate::middleware::targets::{CONNECTION, LISTENER};
 
 /// Datagrams a listener handles in one poll before it yields to the runtime.
 const BUDGET: usize = 256;
