@@ -37,7 +37,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let print = |line: String| println!("{line}");
-    let shared = UdpOptions::new().reuse_address(true).reuse_port(true);
+    let shared = UdpOptions::new().reuse_address(true).share_port(true);
     let v4 = Server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.port)))
         .listeners(1)
         .udp_options(

@@ -110,10 +110,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..args.sockets {
-        let transport = Arc::new(UdpTransport::bind(
-            local,
-            &UdpOptions::new().reuse_port(false),
-        )?);
+        let transport = Arc::new(UdpTransport::bind(local, &UdpOptions::new())?);
         tasks.push(tokio::spawn(drive(
             transport,
             args.target,

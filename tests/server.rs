@@ -494,16 +494,6 @@ async fn a_unicast_address_given_as_a_multicast_group_is_a_configuration_error()
     assert!(error.to_string().contains("10.1.2.3"), "{error}");
 }
 
-#[tokio::test]
-async fn several_listeners_without_reuse_port_is_a_configuration_error() {
-    let error = Server::bind(loopback())
-        .listeners(2)
-        .udp_options(UdpOptions::new().reuse_port(false))
-        .build()
-        .unwrap_err();
-    assert_eq!(error.field(), Some("listeners"));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_service_leaves_datagrams_in_the_kernel_and_serves_them_later() {
     // One request at a time, each waiting for a permit from the test.

@@ -27,7 +27,7 @@ use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
 use crate::targets::LISTENER;
-use crate::{Datagram, DropReason, Dropped};
+use crate::{Datagram, DropReason};
 
 /// Decides whether a peer has proven it owns its address.
 pub trait Validate: Send + Sync + 'static {
@@ -218,7 +218,7 @@ where
             let size = response.reply_size();
             if size > limit {
                 tracing::debug!(target: LISTENER, peer = %this.peer, size, limit, "amplification_limited");
-                return Poll::Ready(Err(Dropped::new(DropReason::Amplification).into()));
+                return Poll::Ready(Err(DropReason::Amplification.into_error()));
             }
         }
         Poll::Ready(Ok(response))

@@ -34,14 +34,33 @@ impl DropReason {
     }
 }
 
+impl DropReason {
+    /// This reason as an error, without allocating: each reason has a
+    /// zero-sized error type of its own (see [`error`](crate::error)), and
+    /// a box of a zero-sized value allocates nothing. [`drop_reason`]
+    /// recognises them. Layers fail requests with it.
+    pub fn into_error(self) -> tower::BoxError {
+        use crate::error;
+        match self {
+            DropReason::TooLarge => Box::new(error::TooLarge),
+            DropReason::RateLimited => Box::new(error::RateLimited),
+            DropReason::TimedOut => Box::new(tower::timeout::error::Elapsed::new()),
+            DropReason::Overloaded => Box::new(error::Overloaded),
+            DropReason::Denied => Box::new(error::Denied),
+            DropReason::Amplification => Box::new(error::AmplificationLimited),
+        }
+    }
+}
+
 impl fmt::Display for DropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// The error a layer fails a request with when it drops the datagram on
-/// purpose.
+/// An error that drops the datagram on purpose, for a reason chosen at run
+/// time. It is one byte, so boxing it allocates; the layers use
+/// [`DropReason::into_error`] instead, which does not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dropped {
     reason: DropReason,
@@ -75,6 +94,9 @@ pub fn drop_reason(error: &(dyn Error + 'static)) -> Option<DropReason> {
     while let Some(e) = current {
         if let Some(dropped) = e.downcast_ref::<Dropped>() {
             return Some(dropped.reason());
+        }
+        if let Some(reason) = crate::error::reason_of(e) {
+            return Some(reason);
         }
         if e.is::<tower::timeout::error::Elapsed>() {
             return Some(DropReason::TimedOut);
@@ -117,6 +139,22 @@ mod tests {
         assert_eq!(drop_reason(&elapsed), Some(DropReason::TimedOut));
         let overloaded = tower::load_shed::error::Overloaded::new();
         assert_eq!(drop_reason(&overloaded), Some(DropReason::Overloaded));
+    }
+
+    #[test]
+    fn every_reason_survives_the_round_trip_through_its_zero_sized_error() {
+        for reason in [
+            DropReason::TooLarge,
+            DropReason::RateLimited,
+            DropReason::TimedOut,
+            DropReason::Overloaded,
+            DropReason::Denied,
+            DropReason::Amplification,
+        ] {
+            let error = reason.into_error();
+            assert_eq!(drop_reason(&*error), Some(reason));
+            assert_eq!(std::mem::size_of_val(&*error), 0, "{reason} allocates");
+        }
     }
 
     #[test]

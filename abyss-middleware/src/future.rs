@@ -5,7 +5,7 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use tower::BoxError;
 
-use crate::{DropReason, Dropped};
+use crate::DropReason;
 
 pin_project! {
     /// The response future of a layer that may refuse a request in `call`:
@@ -58,7 +58,7 @@ where
             KindProjection::Inner { future } => {
                 Poll::Ready(ready!(future.poll(cx)).map_err(Into::into))
             }
-            KindProjection::Rejected { reason } => Poll::Ready(Err(Dropped::new(*reason).into())),
+            KindProjection::Rejected { reason } => Poll::Ready(Err(reason.into_error())),
         }
     }
 }

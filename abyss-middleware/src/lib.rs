@@ -16,9 +16,11 @@
 //!
 //! A UDP server has no error response to send: a refused datagram is simply
 //! not answered. What matters is that every refused datagram is counted once,
-//! under one reason. Layers do that by failing the request with a [`Dropped`]
-//! error carrying a [`DropReason`]; the server recognises it (and tower's own
-//! `Elapsed` and `Overloaded`) with [`drop_reason`].
+//! under one reason. Layers do that by failing the request with the
+//! zero-sized error of a [`DropReason`] ([`DropReason::into_error`], see
+//! [`error`]), so a drop allocates nothing; a service can do the same, or
+//! use [`Dropped`]. The server recognises them (and tower's own `Elapsed`
+//! and `Overloaded`) with [`drop_reason`].
 //!
 //! Layers that look at the peer or the payload size take any request that
 //! implements [`Datagram`]; `abyss::Request` does.
@@ -56,6 +58,7 @@
 pub mod amplification;
 pub mod concurrency;
 mod drop;
+pub mod error;
 pub mod filter;
 pub mod rate_limit;
 pub mod size_limit;

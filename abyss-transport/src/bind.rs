@@ -32,4 +32,13 @@ pub trait Bind: Send + Sync + fmt::Debug + 'static {
     /// Opens `count` transports on `addr`. All of them must report the same
     /// [`Transport::local_addr`].
     fn bind_group(&self, addr: SocketAddr, count: usize) -> io::Result<Vec<Arc<dyn Transport>>>;
+
+    /// Opens one more transport in the group already bound on `addr` (whose
+    /// port is known), to replace a member that failed. The default opens a
+    /// group of one.
+    fn join_group(&self, addr: SocketAddr) -> io::Result<Arc<dyn Transport>> {
+        self.bind_group(addr, 1)?
+            .pop()
+            .ok_or_else(|| io::Error::other("the transport opened no endpoint"))
+    }
 }

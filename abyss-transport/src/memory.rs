@@ -127,6 +127,18 @@ impl Bind for MemoryNetwork {
         }
         Ok(group)
     }
+
+    fn join_group(&self, addr: SocketAddr) -> io::Result<Arc<dyn Transport>> {
+        let mut registry = self.lock();
+        registry.prune();
+        if !registry.bound.contains_key(&addr) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no group is bound on {addr}"),
+            ));
+        }
+        Ok(Arc::new(registry.open(self, addr)))
+    }
 }
 
 impl Registry {
@@ -271,6 +283,7 @@ impl Transport for MemoryTransport {
             let mut m = RecvMeta::new(datagram.from, len);
             m.truncated = len < datagram.payload.len();
             m.dst_ip = Some(datagram.to);
+            m.local_ip = Some(datagram.to);
             meta[filled] = m;
             filled += 1;
         }
@@ -309,5 +322,17 @@ impl Transport for MemoryTransport {
 
     fn kernel_drops(&self) -> Option<u64> {
         Some(self.endpoint.drops.load(Ordering::Relaxed))
+    }
+
+    /// Leaves the group: new datagrams go to its other members, or vanish
+    /// as sent to an unbound address; queued ones stay readable.
+    fn stop_receiving(&self) -> io::Result<()> {
+        let mut registry = self.net.lock();
+        if let Some(group) = registry.bound.get_mut(&self.local) {
+            let me = Arc::downgrade(&self.endpoint);
+            group.retain(|w| !w.ptr_eq(&me));
+        }
+        registry.prune();
+        Ok(())
     }
 }

@@ -24,6 +24,11 @@ use std::task::{Context, Poll};
 /// * Errors from either call are per-datagram or transient (ICMP
 ///   `ECONNREFUSED`, `ENOBUFS`, `EPERM` from a firewall); they never mean the
 ///   transport is unusable, and callers keep using it.
+/// * Several tasks may wait in [`poll_send`](Transport::poll_send) at once
+///   (a server's listener and every handler's
+///   [`SendHandle`](https://docs.rs/abyss/latest/abyss/struct.SendHandle.html)):
+///   each one that got `Poll::Pending` must be woken when the endpoint can
+///   send again, not only the last.
 ///
 /// # Example
 ///
@@ -114,6 +119,20 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn kernel_drops(&self) -> Option<u64> {
         None
     }
+
+    /// Stops taking new datagrams, before the endpoint is closed.
+    ///
+    /// What is already queued stays readable with
+    /// [`poll_recv`](Transport::poll_recv), which returns `Poll::Pending`
+    /// once it is empty; what arrives afterwards is not this endpoint's (the
+    /// system hands it to the other members of the group, or treats it as
+    /// sent to a closed port). A server calls this when a listener closes,
+    /// reads what is left and counts it, so that nothing the system accepted
+    /// goes uncounted. The default does nothing (what arrives between the
+    /// last read and the close is then lost uncounted).
+    fn stop_receiving(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What [`Transport::poll_recv`] reports about one received buffer.
@@ -134,6 +153,12 @@ pub struct RecvMeta {
     /// (Linux `IP_PKTINFO` / `IPV6_RECVPKTINFO`). This can be a broadcast or
     /// multicast address.
     pub dst_ip: Option<IpAddr>,
+    /// The local address a reply to this datagram is sent from, where the
+    /// transport can tell: `dst_ip` for a datagram sent to one of this
+    /// host's addresses, the receiving interface's own address for one sent
+    /// to a broadcast address (Linux `IP_PKTINFO`'s `ipi_spec_dst`). `None`
+    /// lets the system choose.
+    pub local_ip: Option<IpAddr>,
     /// The datagram did not fit its buffer and was cut short by the system.
     /// The first `len` bytes are all that is left of it.
     pub truncated: bool,
@@ -146,6 +171,7 @@ impl Default for RecvMeta {
             len: 0,
             stride: 0,
             dst_ip: None,
+            local_ip: None,
             truncated: false,
         }
     }
@@ -159,6 +185,48 @@ impl RecvMeta {
             len,
             stride: len,
             ..Self::default()
+        }
+    }
+
+    /// How many datagrams the buffer holds: `len` split by `stride` (GRO),
+    /// at least 1 (an empty datagram is a datagram too, and so is a
+    /// truncated one).
+    pub fn datagrams(&self) -> usize {
+        if self.truncated || self.len == 0 {
+            return 1;
+        }
+        self.len.div_ceil(self.segment_size())
+    }
+
+    /// The size of each datagram in the buffer but the last: `stride`, or
+    /// `len` where the transport left `stride` at 0.
+    pub fn segment_size(&self) -> usize {
+        if self.stride == 0 {
+            self.len.max(1)
+        } else {
+            self.stride
+        }
+    }
+
+    /// Whether the datagram was sent to a group of hosts (a multicast or a
+    /// broadcast address) rather than to this host alone: every socket
+    /// bound to the port gets its own copy of such a datagram. Known only
+    /// where the transport reports [`dst_ip`](RecvMeta::dst_ip) (and, for a
+    /// subnet broadcast address, [`local_ip`](RecvMeta::local_ip)).
+    pub fn is_group_addressed(&self) -> bool {
+        let Some(dst) = self.dst_ip.map(|ip| ip.to_canonical()) else {
+            return false;
+        };
+        match dst {
+            IpAddr::V4(v4) if v4.is_broadcast() || v4.is_multicast() => true,
+            IpAddr::V6(v6) if v6.is_multicast() => true,
+            // For IPv4 the system answers a datagram sent to one of its own
+            // addresses from that address: a different local address means
+            // the destination was a (subnet) broadcast address.
+            IpAddr::V4(_) => self
+                .local_ip
+                .is_some_and(|local| local.to_canonical() != dst),
+            IpAddr::V6(_) => false,
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
@@ -60,10 +60,10 @@ impl MulticastV6 {
 
 /// Socket options for [`UdpTransport`]; the original's `transport_options`.
 ///
-/// Every option left unset keeps the operating system's default, except
-/// `reuse_port`, which is on so that a listener pool can share one port.
+/// Every option left unset keeps the operating system's default.
 /// [`UdpOptions`] is also a [`Bind`]: it opens groups of sockets on one
-/// address.
+/// address, and the group's port is its own (see
+/// [`share_port`](UdpOptions::share_port)).
 ///
 /// # Example
 ///
@@ -87,7 +87,7 @@ impl MulticastV6 {
 #[derive(Debug, Clone)]
 pub struct UdpOptions {
     reuse_address: bool,
-    reuse_port: bool,
+    share_port: bool,
     broadcast: bool,
     multicast_v4: Vec<MulticastV4>,
     multicast_v6: Vec<MulticastV6>,
@@ -112,11 +112,12 @@ impl Default for UdpOptions {
 }
 
 impl UdpOptions {
-    /// The defaults: `SO_REUSEPORT` on, everything else as the system sets it.
+    /// The defaults: a port of the group's own, GSO where the kernel has
+    /// it, everything else as the system sets it.
     pub fn new() -> Self {
         Self {
             reuse_address: false,
-            reuse_port: true,
+            share_port: false,
             broadcast: false,
             multicast_v4: Vec::new(),
             multicast_v6: Vec::new(),
@@ -143,18 +144,32 @@ impl UdpOptions {
         self
     }
 
-    /// `SO_REUSEPORT`: let several sockets of this user bind the same port,
-    /// with the kernel spreading peers across them. Default on; a server with
-    /// more than one listener needs it.
+    /// Shares the port with sockets of other processes: `SO_REUSEPORT` is
+    /// set before the group's first socket binds, so the group joins
+    /// sockets of this user already bound there (the kernel then spreads
+    /// peers over all of them). Default off.
+    ///
+    /// Off, the port is the group's own: binding an address another socket
+    /// holds fails with [`io::ErrorKind::AddrInUse`], and port 0 picks a
+    /// port no other socket holds. The group's own sockets still share the
+    /// port (`SO_REUSEPORT` is set on the first one once it is bound), so
+    /// a process that asks for sharing can still join it later.
     #[must_use]
-    pub fn reuse_port(mut self, on: bool) -> Self {
-        self.reuse_port = on;
+    pub fn share_port(mut self, on: bool) -> Self {
+        self.share_port = on;
         self
     }
 
-    /// Whether `reuse_port` is on.
-    pub fn reuses_port(&self) -> bool {
-        self.reuse_port
+    /// Whether [`share_port`](UdpOptions::share_port) is on.
+    pub fn shares_port(&self) -> bool {
+        self.share_port
+    }
+
+    /// Whether the options ask for broadcast or multicast datagrams
+    /// (`broadcast`, or a multicast group to join), whose every copy
+    /// reaches each socket bound to the port.
+    pub fn receives_group_traffic(&self) -> bool {
+        self.broadcast || !self.multicast_v4.is_empty() || !self.multicast_v6.is_empty()
     }
 
     /// `SO_BROADCAST`: allow sending to broadcast addresses (DHCP). Default
@@ -324,15 +339,16 @@ impl UdpOptions {
         Ok(())
     }
 
-    /// Opens, configures and binds one socket (not yet registered with tokio).
-    fn open(&self, addr: SocketAddr) -> io::Result<Socket> {
+    /// Opens, configures and binds one socket (not yet registered with
+    /// tokio), with `SO_REUSEPORT` set before the bind when `reuse_port`.
+    fn open(&self, addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
         self.validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
         if self.reuse_address {
             socket.set_reuse_address(true)?;
         }
-        if self.reuse_port {
+        if reuse_port {
             socket.set_reuse_port(true)?;
         }
         if self.broadcast {
@@ -384,25 +400,35 @@ impl UdpOptions {
 }
 
 impl Bind for UdpOptions {
+    /// Binds the first socket without `SO_REUSEPORT` (unless
+    /// [`share_port`](UdpOptions::share_port)), so that a port another
+    /// socket holds is refused and port 0 yields a port nobody holds; then
+    /// sets it, and binds the others with it on the port the first one got.
     fn bind_group(&self, addr: SocketAddr, count: usize) -> io::Result<Vec<Arc<dyn Transport>>> {
-        if count > 1 && !self.reuse_port {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                OptionsError::new(
-                    "reuse_port",
-                    format!("{count} sockets cannot share {addr} without SO_REUSEPORT"),
-                ),
-            ));
+        let first = self.open(addr, self.share_port)?;
+        if !self.share_port {
+            first.set_reuse_port(true)?;
         }
-        let first = UdpTransport::bind(addr, self)?;
+        let first = UdpTransport::from_socket(first, self)?;
         // With port 0 the first socket picks the port and the rest join it.
         let shared = first.local_addr()?;
         let mut group: Vec<Arc<dyn Transport>> = Vec::with_capacity(count);
         group.push(Arc::new(first));
         for _ in 1..count {
-            group.push(Arc::new(UdpTransport::bind(shared, self)?));
+            group.push(Arc::new(self.join(shared)?));
         }
         Ok(group)
+    }
+
+    fn join_group(&self, addr: SocketAddr) -> io::Result<Arc<dyn Transport>> {
+        Ok(Arc::new(self.join(addr)?))
+    }
+}
+
+impl UdpOptions {
+    /// One more socket in the group bound on `addr`.
+    fn join(&self, addr: SocketAddr) -> io::Result<UdpTransport> {
+        UdpTransport::from_socket(self.open(addr, true)?, self)
     }
 }
 
@@ -426,6 +452,9 @@ impl Bind for UdpOptions {
 pub struct UdpTransport {
     io: tokio::net::UdpSocket,
     local: SocketAddr,
+    /// Every task waiting to send, woken together (tokio keeps one waker
+    /// per direction).
+    writers: Arc<Writers>,
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     state: imp::State,
     segments: imp::Segments,
@@ -436,9 +465,13 @@ impl UdpTransport {
     ///
     /// Invalid options give an [`io::ErrorKind::InvalidInput`] error whose
     /// inner error is an [`OptionsError`]; an address already taken gives
-    /// [`io::ErrorKind::AddrInUse`].
+    /// [`io::ErrorKind::AddrInUse`] (unless
+    /// [`share_port`](UdpOptions::share_port) and the holder shares too).
     pub fn bind(addr: SocketAddr, options: &UdpOptions) -> io::Result<Self> {
-        let socket = options.open(addr)?;
+        Self::from_socket(options.open(addr, options.share_port)?, options)
+    }
+
+    fn from_socket(socket: Socket, options: &UdpOptions) -> io::Result<Self> {
         let segments = imp::Segments::enable(&socket, options.gro, options.gso);
         Self::adopt(socket.into(), segments)
     }
@@ -459,6 +492,7 @@ impl UdpTransport {
         Ok(Self {
             io: tokio::net::UdpSocket::from_std(socket)?,
             local,
+            writers: Arc::default(),
             #[cfg(not(any(target_os = "linux", target_os = "android")))]
             state: imp::State::default(),
             segments,
@@ -496,6 +530,23 @@ impl UdpTransport {
 }
 
 impl UdpTransport {
+    /// Waits until the socket may be writable, waking every task that
+    /// waits here (not only the last, as tokio's own slot would).
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.writers.add(cx.waker());
+        let waker = Waker::from(self.writers.clone());
+        let mut shared = Context::from_waker(&waker);
+        match self.io.poll_send_ready(&mut shared) {
+            Poll::Ready(result) => {
+                // Ready already: the caller retries now; the others stay
+                // registered until the next wake-up.
+                self.writers.remove(cx.waker());
+                Poll::Ready(result)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// Runs `op` once the socket is ready for `interest`, waiting again
     /// whenever it would block.
     #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -512,7 +563,7 @@ impl UdpTransport {
                     if interest.is_readable() {
                         ready!(self.io.poll_recv_ready(cx))?;
                     } else {
-                        ready!(self.io.poll_send_ready(cx))?;
+                        ready!(self.poll_writable(cx))?;
                     }
                 }
                 result => return Poll::Ready(result),
@@ -599,7 +650,7 @@ impl UdpTransport {
                     if sent > 0 {
                         break;
                     }
-                    ready!(self.io.poll_send_ready(cx))?;
+                    ready!(self.poll_writable(cx))?;
                 }
                 Err(_) if sent > 0 => break,
                 Err(e) => return Poll::Ready(Err(e)),
@@ -658,6 +709,52 @@ impl Transport for UdpTransport {
 
     fn max_transmit_segments(&self) -> usize {
         self.segments.transmit
+    }
+
+    /// Connects the socket to its own address: the kernel then hands it
+    /// only datagrams from itself (none), so new ones go to the group's
+    /// other sockets, or are refused as sent to a closed port, while those
+    /// already queued stay readable.
+    fn stop_receiving(&self) -> io::Result<()> {
+        let own = match self.local.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        socket2::SockRef::from(&self.io).connect(&SocketAddr::new(own, self.local.port()).into())
+    }
+}
+
+/// The tasks waiting for a socket to become writable.
+#[derive(Debug, Default)]
+struct Writers {
+    waiting: std::sync::Mutex<Vec<Waker>>,
+}
+
+impl Writers {
+    fn add(&self, waker: &Waker) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if !waiting.iter().any(|w| w.will_wake(waker)) {
+            waiting.push(waker.clone());
+        }
+    }
+
+    fn remove(&self, waker: &Waker) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.retain(|w| !w.will_wake(waker));
+    }
+}
+
+impl std::task::Wake for Writers {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        for waker in waiting {
+            waker.wake();
+        }
     }
 }
 

@@ -156,18 +156,71 @@ async fn a_group_on_port_zero_shares_the_port_the_first_socket_got() {
 }
 
 #[tokio::test]
-async fn a_group_without_reuse_port_is_refused_with_the_option_named() {
-    let error = UdpOptions::new()
-        .reuse_port(false)
-        .bind_group("127.0.0.1:0".parse().unwrap(), 2)
-        .unwrap_err();
-    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
-    let inner = error
-        .get_ref()
-        .unwrap()
-        .downcast_ref::<abyss_transport::OptionsError>()
+async fn a_group_refuses_a_port_another_socket_holds_even_one_that_shares() {
+    use socket2::{Domain, Socket, Type};
+    // Another program's socket that would share the port.
+    let holder = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+    holder.set_reuse_port(true).unwrap();
+    holder
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
         .unwrap();
-    assert_eq!(inner.field, "reuse_port");
+    let held = holder.local_addr().unwrap().as_socket().unwrap();
+    let error = UdpOptions::new().bind_group(held, 2).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+    // Asked for explicitly, sharing works.
+    let shared = UdpOptions::new()
+        .share_port(true)
+        .bind_group(held, 2)
+        .unwrap();
+    assert_eq!(shared[0].local_addr().unwrap(), held);
+}
+
+#[tokio::test]
+async fn a_groups_port_is_closed_to_later_sockets_that_do_not_ask_to_share() {
+    let group = UdpOptions::new()
+        .bind_group("127.0.0.1:0".parse().unwrap(), 2)
+        .unwrap();
+    let port = group[0].local_addr().unwrap();
+    let again = UdpOptions::new().bind_group(port, 1).unwrap_err();
+    assert_eq!(again.kind(), std::io::ErrorKind::AddrInUse);
+    assert!(std::net::UdpSocket::bind(port).is_err());
+}
+
+#[tokio::test]
+async fn a_socket_that_stopped_receiving_keeps_its_queue_and_takes_nothing_new() {
+    let group = UdpOptions::new()
+        .bind_group("127.0.0.1:0".parse().unwrap(), 2)
+        .unwrap();
+    let addr = group[0].local_addr().unwrap();
+    let clients: Vec<UdpSocket> =
+        futures_util::future::join_all((0..40).map(|_| UdpSocket::bind("127.0.0.1:0")))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    for client in &clients {
+        client.send_to(b"before", addr).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let queued = drain_now(&*group[0]);
+    assert!(queued > 0, "the kernel spread 40 peers over both sockets");
+    for client in &clients {
+        client.send_to(b"before", addr).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    group[0].stop_receiving().unwrap();
+    for client in &clients {
+        client.send_to(b"after", addr).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        drain_now(&*group[0]),
+        queued,
+        "what was queued stays readable"
+    );
+    assert_eq!(drain_now(&*group[0]), 0, "and nothing new arrives");
+    // The same peers hash to the same sockets each round.
+    assert_eq!(drain_now(&*group[1]), 120 - 2 * queued);
 }
 
 #[tokio::test]

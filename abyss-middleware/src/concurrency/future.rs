@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use tower::BoxError;
 
-use crate::{DropReason, Dropped};
+use crate::DropReason;
 
 /// A slot under the limit, given back when dropped.
 #[derive(Debug)]
@@ -64,7 +64,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(future) = this.future.as_pin_mut() else {
-            return Poll::Ready(Err(Dropped::new(DropReason::Overloaded).into()));
+            return Poll::Ready(Err(DropReason::Overloaded.into_error()));
         };
         let output = ready!(future.poll(cx));
         // Free the slot as soon as the response is ready.

@@ -18,10 +18,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use std::os::fd::RawFd;
 use std::ptr;
 
+use super::BATCH;
 use crate::{RecvMeta, Transmit};
-
-/// Datagrams moved per system call at most.
-pub(super) const BATCH: usize = 32;
 
 /// Control space per message: `in6_pktinfo` (20 bytes) and `in_pktinfo`
 /// (12) and the GRO segment size (4), each behind a 16-byte header, rounded
@@ -118,11 +116,20 @@ unsafe fn decode_control(header: &libc::msghdr, meta: &mut RecvMeta) {
                 meta.dst_ip = Some(IpAddr::V4(Ipv4Addr::from(
                     info.ipi_addr.s_addr.to_ne_bytes(),
                 )));
+                // The local address the kernel would answer from: the
+                // interface's own address for a broadcast destination.
+                meta.local_ip = Some(IpAddr::V4(Ipv4Addr::from(
+                    info.ipi_spec_dst.s_addr.to_ne_bytes(),
+                )));
             }
             (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
                 // SAFETY: an IPV6_PKTINFO payload is an `in6_pktinfo`.
                 let info = unsafe { ptr::read_unaligned(data.cast::<libc::in6_pktinfo>()) };
-                meta.dst_ip = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                let dst = IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr));
+                meta.dst_ip = Some(dst);
+                // IPv6 has no broadcast; a multicast destination is no
+                // source, and the system picks one.
+                meta.local_ip = Some(dst).filter(|ip| super::usable_source(*ip));
             }
             (libc::SOL_UDP, libc::UDP_GRO) => {
                 // SAFETY: a UDP_GRO payload is the segment size, an `int`.

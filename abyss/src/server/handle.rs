@@ -1,14 +1,16 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
 
 use super::Config;
-use super::listener::{Control, Settings};
+use super::listener::{Control, Settings, close_after_failure};
 use super::stats::{Counters, Stats};
 use crate::Error;
+use crate::middleware::targets::LISTENER;
 use crate::transport::Transport;
 
 pub(crate) type Spawn = Arc<
@@ -79,22 +81,60 @@ struct Inner {
     spawn: Spawn,
     counters: Arc<[Counters]>,
     local: Mutex<SocketAddr>,
+    /// Listener tasks alive now.
+    live: Arc<AtomicUsize>,
+    /// Listeners replaced after they ended by surprise.
+    restarts: Arc<AtomicU64>,
     lifecycle: tokio::sync::Mutex<Lifecycle>,
 }
 
-enum Lifecycle {
+struct Lifecycle {
+    phase: Phase,
+    /// Listeners told to stop and not yet closed: a suspend or shutdown
+    /// whose caller stopped waiting leaves them here, and whoever takes the
+    /// lifecycle next waits for them before opening sockets again.
+    stopping: Option<JoinHandle<DrainReport>>,
+}
+
+enum Phase {
     Running(Vec<Running>),
     Suspended,
     Stopped,
 }
 
-impl Lifecycle {
+impl Phase {
     fn name(&self) -> &'static str {
         match self {
-            Lifecycle::Running(_) => "running",
-            Lifecycle::Suspended => "suspended",
-            Lifecycle::Stopped => "shut down",
+            Phase::Running(_) => "running",
+            Phase::Suspended => "suspended",
+            Phase::Stopped => "shut down",
         }
+    }
+}
+
+impl Lifecycle {
+    /// Starts stopping `listeners` in a task of its own, so that the caller
+    /// may stop waiting without leaving them half-stopped.
+    fn begin_stop(&mut self, listeners: Vec<Running>) {
+        debug_assert!(self.stopping.is_none());
+        self.stopping = Some(tokio::spawn(stop(listeners)));
+    }
+
+    /// Waits until the listeners told to stop have closed. Cancel-safe: if
+    /// the caller stops waiting, the next caller waits instead.
+    async fn finish_stop(&mut self) -> DrainReport {
+        let Some(task) = self.stopping.as_mut() else {
+            return DrainReport::default();
+        };
+        let report = match task.await {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::error!(target: LISTENER, %error, "stopping the listeners failed");
+                DrainReport::default()
+            }
+        };
+        self.stopping = None;
+        report
     }
 }
 
@@ -108,6 +148,7 @@ impl fmt::Debug for ServerHandle {
         f.debug_struct("ServerHandle")
             .field("local_addr", &self.local_addr())
             .field("listeners", &self.inner.config.listeners)
+            .field("live_listeners", &self.live_listeners())
             .finish_non_exhaustive()
     }
 }
@@ -116,21 +157,25 @@ impl ServerHandle {
     pub(crate) fn start(config: Config, spawn: Spawn) -> Result<Self, Error> {
         let counters: Arc<[Counters]> =
             (0..config.listeners).map(|_| Counters::default()).collect();
-        let inner = Inner {
+        let inner = Arc::new(Inner {
             local: Mutex::new(config.addr),
             config,
             spawn,
             counters,
-            lifecycle: tokio::sync::Mutex::new(Lifecycle::Stopped),
-        };
+            live: Arc::default(),
+            restarts: Arc::default(),
+            lifecycle: tokio::sync::Mutex::new(Lifecycle {
+                phase: Phase::Stopped,
+                stopping: None,
+            }),
+        });
         let running = inner.open(inner.config.addr)?;
-        *inner
+        inner
             .lifecycle
             .try_lock()
-            .expect("no one else has the handle yet") = Lifecycle::Running(running);
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+            .expect("no one else has the handle yet")
+            .phase = Phase::Running(running);
+        Ok(Self { inner })
     }
 
     /// The address the server answers on (with port 0 configured, the port
@@ -147,32 +192,44 @@ impl ServerHandle {
         self.inner.config.rate_limiter.as_ref()
     }
 
+    /// How many listener tasks are running now: the configured number while
+    /// serving (a listener that ends by surprise is replaced, see
+    /// [`Stats::listener_restarts`]), 0 once suspended or shut down.
+    pub fn live_listeners(&self) -> usize {
+        self.inner.live.load(Ordering::Acquire)
+    }
+
     /// A snapshot of the counters, summed over listeners.
     pub fn stats(&self) -> Stats {
         let mut stats = Stats::default();
         for counters in self.inner.counters.iter() {
             counters.add_to(&mut stats);
         }
+        stats.listener_restarts = self.inner.restarts.load(Ordering::Relaxed);
         stats
     }
 
     /// Stops the server gracefully: every listener stops reading at once,
     /// finishes what is in flight for up to the shutdown timeout, then drops
-    /// what is left (counted as aborted) and closes its socket.
+    /// what is left (counted as aborted) and closes its socket, counting
+    /// what was still queued in it ([`Stats::unread_at_close`]).
     ///
     /// Hooks from [`Builder::on_shutdown`](crate::Builder::on_shutdown) run
     /// meanwhile, within the same timeout.
     ///
     /// Returns how many requests were drained and aborted. Calling it again
     /// returns an empty report; on a suspended server only the hooks run.
+    ///
+    /// Cancel-safe: if the returned future is dropped (under a timeout, say)
+    /// the listeners still stop, drain and close, and the server is shut
+    /// down.
     pub async fn shutdown(&self) -> DrainReport {
         let mut lifecycle = self.inner.lifecycle.lock().await;
-        let previous = std::mem::replace(&mut *lifecycle, Lifecycle::Stopped);
-        let listeners = match previous {
-            Lifecycle::Running(listeners) => listeners,
-            Lifecycle::Suspended => Vec::new(),
-            Lifecycle::Stopped => return DrainReport::default(),
-        };
+        match std::mem::replace(&mut lifecycle.phase, Phase::Stopped) {
+            Phase::Running(listeners) => lifecycle.begin_stop(listeners),
+            Phase::Suspended => {}
+            Phase::Stopped => return lifecycle.finish_stop().await,
+        }
         let config = &self.inner.config;
         let hooks = futures_util::future::join_all(config.shutdown_hooks.iter().map(|hook| hook()));
         let hooks = async {
@@ -180,10 +237,10 @@ impl ServerHandle {
                 .await
                 .is_err()
             {
-                tracing::warn!(target: crate::middleware::targets::LISTENER, "shutdown hooks outlived the shutdown timeout");
+                tracing::warn!(target: LISTENER, "shutdown hooks outlived the shutdown timeout");
             }
         };
-        let (report, ()) = tokio::join!(stop(listeners), hooks);
+        let (report, ()) = tokio::join!(lifecycle.finish_stop(), hooks);
         report
     }
 
@@ -191,13 +248,20 @@ impl ServerHandle {
     /// (up to the shutdown timeout, aborting the rest), then close, so the
     /// port stops answering and another process can bind it. Counters are
     /// kept. Suspending a suspended server does nothing.
+    ///
+    /// Cancel-safe: if the returned future is dropped, the listeners still
+    /// drain and close, and a later [`resume`](ServerHandle::resume) waits
+    /// for them before it opens new sockets.
     pub async fn suspend(&self) -> Result<DrainReport, Error> {
         let mut lifecycle = self.inner.lifecycle.lock().await;
-        match std::mem::replace(&mut *lifecycle, Lifecycle::Suspended) {
-            Lifecycle::Running(listeners) => Ok(stop(listeners).await),
-            Lifecycle::Suspended => Ok(DrainReport::default()),
-            Lifecycle::Stopped => {
-                *lifecycle = Lifecycle::Stopped;
+        match std::mem::replace(&mut lifecycle.phase, Phase::Suspended) {
+            Phase::Running(listeners) => {
+                lifecycle.begin_stop(listeners);
+                Ok(lifecycle.finish_stop().await)
+            }
+            Phase::Suspended => Ok(lifecycle.finish_stop().await),
+            Phase::Stopped => {
+                lifecycle.phase = Phase::Stopped;
                 Err(Error::State { state: "shut down" })
             }
         }
@@ -209,11 +273,13 @@ impl ServerHandle {
     /// served on.
     pub async fn resume(&self) -> Result<SocketAddr, Error> {
         let mut lifecycle = self.inner.lifecycle.lock().await;
-        if !matches!(*lifecycle, Lifecycle::Suspended) {
+        if !matches!(lifecycle.phase, Phase::Suspended) {
             return Err(Error::State {
-                state: lifecycle.name(),
+                state: lifecycle.phase.name(),
             });
         }
+        // A suspend whose caller stopped waiting: its sockets close first.
+        lifecycle.finish_stop().await;
         let configured = self.inner.config.addr;
         let running = if configured.port() == 0 {
             match self.inner.open(self.local_addr()) {
@@ -224,14 +290,15 @@ impl ServerHandle {
         } else {
             self.inner.open(configured)?
         };
-        *lifecycle = Lifecycle::Running(running);
+        lifecycle.phase = Phase::Running(running);
         Ok(self.local_addr())
     }
 }
 
 impl Inner {
-    /// Binds the listener group on `addr` and starts a task per socket.
-    fn open(&self, addr: SocketAddr) -> Result<Vec<Running>, Error> {
+    /// Binds the listener group on `addr` and starts a supervised task per
+    /// socket.
+    fn open(self: &Arc<Self>, addr: SocketAddr) -> Result<Vec<Running>, Error> {
         let config = &self.config;
         let transports = config
             .bind
@@ -250,9 +317,28 @@ impl Inner {
                 max_in_flight: config.share(index),
                 max_datagram_size: config.max_datagram_size,
                 shutdown_timeout: config.shutdown_timeout,
+                live: self.live.clone(),
             };
-            match (self.spawn)(transport, control.clone(), self.counters.clone(), settings) {
-                Ok(task) => running.push(Running { control, task }),
+            match (self.spawn)(
+                transport.clone(),
+                control.clone(),
+                self.counters.clone(),
+                settings.clone(),
+            ) {
+                Ok(task) => {
+                    let supervised = supervise(
+                        self.clone(),
+                        local,
+                        transport,
+                        control.clone(),
+                        settings,
+                        task,
+                    );
+                    running.push(Running {
+                        control,
+                        task: tokio::spawn(supervised),
+                    });
+                }
                 Err(error) => {
                     // Close what was started so the port is not half-open.
                     for r in &running {
@@ -267,6 +353,71 @@ impl Inner {
     }
 }
 
+/// Waits for a listener task; if it ends by surprise (a panic outside the
+/// service, which the listener catches itself), counts what it left
+/// unfinished as aborted and what was queued on its socket as unread, and
+/// starts a replacement on a new socket in the same group, unless the
+/// server is stopping.
+async fn supervise(
+    inner: Arc<Inner>,
+    group: SocketAddr,
+    mut transport: Arc<dyn Transport>,
+    control: Arc<Control>,
+    settings: Settings,
+    mut task: JoinHandle<DrainReport>,
+) -> DrainReport {
+    let counters = &inner.counters[settings.index];
+    loop {
+        let error = match task.await {
+            Ok(report) => return report,
+            Err(error) => error,
+        };
+        let listener = settings.index;
+        tracing::error!(target: LISTENER, listener, %error, "listener ended by surprise");
+        let aborted = counters.abort_unfinished();
+        // Open the replacement before closing the old socket, so that the
+        // port is never without a reader.
+        let replacement = if control.is_draining() {
+            None
+        } else {
+            match inner.config.bind.join_group(group) {
+                Ok(fresh) => Some(fresh),
+                Err(error) => {
+                    tracing::error!(target: LISTENER, listener, %error, "cannot open a socket to replace the listener");
+                    None
+                }
+            }
+        };
+        let unread = close_after_failure(&transport, counters, &settings);
+        let Some(fresh) = replacement else {
+            return DrainReport {
+                drained: 0,
+                aborted: aborted + unread,
+            };
+        };
+        transport = fresh;
+        match (inner.spawn)(
+            transport.clone(),
+            control.clone(),
+            inner.counters.clone(),
+            settings.clone(),
+        ) {
+            Ok(next) => {
+                inner.restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: LISTENER, listener, aborted, unread, "listener replaced");
+                task = next;
+            }
+            Err(error) => {
+                tracing::error!(target: LISTENER, listener, %error, "cannot start a listener to replace the one that ended");
+                return DrainReport {
+                    drained: 0,
+                    aborted,
+                };
+            }
+        }
+    }
+}
+
 /// Tells every listener to drain, then waits for all of them.
 async fn stop(listeners: Vec<Running>) -> DrainReport {
     for listener in &listeners {
@@ -277,7 +428,7 @@ async fn stop(listeners: Vec<Running>) -> DrainReport {
         match listener.task.await {
             Ok(r) => report += r,
             Err(error) => {
-                tracing::error!(target: crate::middleware::targets::LISTENER, %error, "listener task failed")
+                tracing::error!(target: LISTENER, %error, "listener task failed")
             }
         }
     }

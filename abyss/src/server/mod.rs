@@ -2,6 +2,7 @@
 
 mod handle;
 mod listener;
+mod policy;
 mod stats;
 
 use std::fmt;
@@ -191,11 +192,15 @@ impl Builder {
 
     /// Listener tasks, each with its own `SO_REUSEPORT` socket on the same
     /// port so the kernel spreads peers across them (the original's
-    /// `num_listeners`/`num_acceptors`). Default: the available parallelism.
+    /// `num_listeners`/`num_acceptors`). Default: the available
+    /// parallelism, or 1 when the UDP options ask for broadcast or join a
+    /// multicast group.
     ///
-    /// Multicast and broadcast datagrams reach every socket on the port, so
-    /// a server that receives them (mDNS, DHCP) should use one listener, or
-    /// it handles each of them once per listener.
+    /// The system gives every socket on the port its own copy of a
+    /// broadcast or multicast datagram; the first listener handles it and
+    /// the others skip their copies (counted in
+    /// [`Stats::group_copies_skipped`]), so each is handled once whatever
+    /// the number of listeners.
     pub fn listeners(mut self, listeners: usize) -> Self {
         self.listeners = Some(listeners);
         self
@@ -327,9 +332,14 @@ impl Builder {
     }
 
     fn validate(&self) -> Result<Config, Error> {
-        let listeners = self
-            .listeners
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let listeners = self.listeners.unwrap_or_else(|| {
+            if self.transport.is_none() && self.udp.receives_group_traffic() {
+                // Broadcast and multicast reach every socket: one suffices.
+                1
+            } else {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            }
+        });
         if listeners == 0 {
             return Err(Error::config("listeners", "must be at least 1"));
         }
@@ -355,12 +365,6 @@ impl Builder {
             Some(bind) => bind.clone(),
             None => {
                 self.udp.validate()?;
-                if listeners > 1 && !self.udp.reuses_port() {
-                    return Err(Error::config(
-                        "listeners",
-                        format!("{listeners} listeners need UdpOptions::reuse_port(true)"),
-                    ));
-                }
                 Arc::new(self.udp.clone())
             }
         };

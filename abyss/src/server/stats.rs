@@ -10,7 +10,15 @@ use crate::middleware::DropReason;
 ///
 /// `received == replied + no_reply + dropped.total() + in_flight`
 ///
-/// Counters survive suspend/resume and only grow.
+/// And every datagram the system accepted for the server's sockets was
+/// either taken, dropped by the system, or still queued when its socket
+/// closed (datagrams dropped before reaching a socket, for example to a
+/// closed port, the system counts elsewhere):
+///
+/// `accepted == received + kernel_drops + unread_at_close`
+///
+/// (for broadcast and multicast, see `group_copies_skipped`). Counters
+/// survive suspend/resume and only grow.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -36,6 +44,18 @@ pub struct Stats {
     /// full, where the system reports it (Linux `SO_MEMINFO`, read when the
     /// snapshot is taken); `None` elsewhere.
     pub kernel_drops: Option<u64>,
+    /// Datagrams still queued in a socket when it closed (shutdown,
+    /// suspend, or a listener replaced after a failure), read and counted
+    /// then; the socket had stopped taking new ones.
+    pub unread_at_close: u64,
+    /// Copies of broadcast and multicast datagrams that reached a second or
+    /// later listener's socket (the system gives every socket on the port
+    /// its own copy) and were left to the first listener, which handles
+    /// each such datagram once. Not counted in `received`.
+    pub group_copies_skipped: u64,
+    /// Listeners that ended by surprise (a panic outside the service) and
+    /// were replaced by a new one on a new socket in the same group.
+    pub listener_restarts: u64,
 }
 
 /// Dropped datagrams by reason; see [`Stats`].
@@ -172,6 +192,8 @@ pub(crate) struct Counters {
     outcomes: [AtomicU64; Outcome::COUNT],
     receive_errors: AtomicU64,
     reads_paused: AtomicU64,
+    unread_at_close: AtomicU64,
+    group_copies_skipped: AtomicU64,
     /// Kernel drops of sockets this listener had before (suspend/resume).
     kernel_drops: AtomicU64,
     kernel_drops_known: AtomicBool,
@@ -213,20 +235,54 @@ impl Counters {
         self.reads_paused.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn unread_at_close(&self, n: u64) {
+        if n > 0 {
+            self.unread_at_close.fetch_add(n, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            self.metrics.unread_at_close.increment(n);
+        }
+    }
+
+    pub(crate) fn group_copies_skipped(&self, n: u64) {
+        if n > 0 {
+            self.group_copies_skipped.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts every datagram received and not finished as aborted (its
+    /// listener died with it); returns how many.
+    pub(crate) fn abort_unfinished(&self) -> u64 {
+        let finished: u64 = self
+            .outcomes
+            .iter()
+            .map(|o| o.load(Ordering::Acquire))
+            .sum();
+        let unfinished = self
+            .received
+            .load(Ordering::Acquire)
+            .saturating_sub(finished);
+        self.finished(Outcome::Aborted, unfinished);
+        unfinished
+    }
+
     /// Takes `transport` as this listener's socket for kernel drop counts.
     pub(crate) fn attach(&self, transport: &std::sync::Arc<dyn crate::transport::Transport>) {
         *self.transport.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(std::sync::Arc::downgrade(transport));
     }
 
-    /// The socket is closing: fold its kernel drops into the total.
+    /// The socket is closing: fold its kernel drops into the total, and
+    /// stop asking it (unless another socket has taken its place).
     pub(crate) fn detach(&self, transport: &std::sync::Arc<dyn crate::transport::Transport>) {
         let mut slot = self.transport.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(drops) = transport.kernel_drops() {
             self.kernel_drops.fetch_add(drops, Ordering::Relaxed);
             self.kernel_drops_known.store(true, Ordering::Relaxed);
         }
-        *slot = None;
+        let this = std::sync::Arc::downgrade(transport);
+        if slot.as_ref().is_some_and(|attached| attached.ptr_eq(&this)) {
+            *slot = None;
+        }
     }
 
     /// Kernel drops so far: closed sockets' plus the open one's.
@@ -273,6 +329,8 @@ impl Counters {
         d.denied += o[13];
         stats.receive_errors += self.receive_errors.load(Ordering::Relaxed);
         stats.reads_paused += self.reads_paused.load(Ordering::Relaxed);
+        stats.unread_at_close += self.unread_at_close.load(Ordering::Relaxed);
+        stats.group_copies_skipped += self.group_copies_skipped.load(Ordering::Relaxed);
         if let Some(drops) = self.kernel_drops_now() {
             *stats.kernel_drops.get_or_insert(0) += drops;
         }
@@ -289,6 +347,7 @@ impl Counters {
 /// | `abyss_datagrams_total{outcome}` | counter | datagrams finished, by outcome: `replied`, `no_reply`, or a drop reason (`truncated`, `too_large`, `rate_limited`, `timed_out`, `overloaded`, `amplification`, `denied`, `handler_error`, `panicked`, `refused_destination`, `send_failed`, `aborted`) |
 /// | `abyss_in_flight` | gauge | datagrams received and not finished |
 /// | `abyss_receive_errors_total` | counter | failed receive calls |
+/// | `abyss_unread_at_close_total` | counter | datagrams still queued when a socket closed |
 /// | `abyss_handling_seconds` | histogram | receipt to outcome, per datagram |
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics_export {
@@ -302,6 +361,7 @@ pub(crate) mod metrics_export {
         outcomes: [Counter; Outcome::COUNT],
         in_flight: Gauge,
         pub(crate) receive_errors: Counter,
+        pub(crate) unread_at_close: Counter,
         pub(crate) handling: Histogram,
     }
 
@@ -314,6 +374,7 @@ pub(crate) mod metrics_export {
                 ),
                 in_flight: metrics::gauge!("abyss_in_flight"),
                 receive_errors: metrics::counter!("abyss_receive_errors_total"),
+                unread_at_close: metrics::counter!("abyss_unread_at_close_total"),
                 handling: metrics::histogram!("abyss_handling_seconds"),
             }
         }

@@ -12,7 +12,7 @@ use tower::Service;
 
 use super::Session;
 use super::registry::{Outcome, Registry};
-use crate::middleware::{DropReason, Dropped};
+use crate::middleware::DropReason;
 use crate::{BoxError, Request};
 
 /// Routes each datagram to its peer's session; from [`Sessions::service`](super::Sessions::service).
@@ -110,7 +110,7 @@ impl Future for SessionFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProjection::Dropped { reason } => Poll::Ready(Err(Dropped::new(*reason).into())),
+            StateProjection::Dropped { reason } => Poll::Ready(Err(reason.into_error())),
             StateProjection::Waiting { receiver } => match std::task::ready!(receiver.poll(cx)) {
                 Ok(Outcome::Reply(reply)) => Poll::Ready(Ok(reply)),
                 Ok(Outcome::Failed(error)) => Poll::Ready(Err(error)),

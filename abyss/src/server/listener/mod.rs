@@ -1,0 +1,510 @@
+//! The listener driver: one task per transport, reading batches, calling the
+//! service under backpressure, sending replies, draining on shutdown.
+//!
+//! Receiving lives in `receive`, sending in `send`, service futures in
+//! `in_flight`; this module keeps the loop that ties them together.
+
+mod in_flight;
+mod receive;
+mod send;
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
+use tower::{BoxError, Service};
+
+use self::in_flight::{Done, Finished, InFlight, Staged, drop_caught, drop_value, panic_message};
+use self::receive::{Batch, Received, Receiver};
+use self::send::{Outbox, Outgoing};
+use super::DrainReport;
+use super::policy::answerable;
+use super::stats::{Counters, Outcome};
+use crate::middleware::drop_reason;
+use crate::middleware::targets::{CONNECTION, LISTENER};
+use crate::transport::Transport;
+use crate::{IntoReply, Request, SendHandle};
+
+/// Datagrams a listener handles in one poll before it yields to the runtime.
+const BUDGET: usize = 256;
+
+/// Tells a listener to stop reading and drain.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    draining: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Control {
+    pub(crate) fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// What a listener needs besides its service.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) index: usize,
+    /// This listener's share of `max_in_flight`.
+    pub(crate) max_in_flight: usize,
+    pub(crate) max_datagram_size: usize,
+    pub(crate) shutdown_timeout: Duration,
+    /// Live listeners of the server, this one included while it runs.
+    pub(crate) live: Arc<AtomicUsize>,
+}
+
+/// Lets a warning through at most once a second, counting the rest.
+#[derive(Debug, Default)]
+struct LogGate {
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogGate {
+    /// `Some(suppressed since the last one)` when this one may be logged.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.next {
+            Some(next) if now < next => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.next = Some(now + Duration::from_secs(1));
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// The service's readiness for the next datagram.
+enum Readiness {
+    /// Not polled since the last call.
+    Unknown,
+    Ready,
+    /// `poll_ready` failed: the next datagram is dropped with this error.
+    Failed(BoxError),
+    /// `poll_ready` panicked: the next datagram is dropped as panicked.
+    Panicked(String),
+}
+
+/// Counts a listener as live while it exists, panics included.
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(live: Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::AcqRel);
+        Self(live)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub(crate) struct Listener<S, F> {
+    transport: Arc<dyn Transport>,
+    local: SocketAddr,
+    service: S,
+    control: Arc<Control>,
+    counters: Arc<[Counters]>,
+    settings: Settings,
+    /// What `poll_ready` said, until a datagram uses it.
+    readiness: Readiness,
+    /// Reads are paused at the in-flight cap (counted once per pause).
+    paused: bool,
+    receiver: Receiver,
+    pending: VecDeque<Received>,
+    in_flight: FuturesUnordered<Staged<F>>,
+    /// Where a new service future is first polled; see `dispatch`.
+    staging: Pin<Box<Option<InFlight<F>>>>,
+    outbox: Outbox,
+    panic_log: LogGate,
+    _live: Live,
+}
+
+impl<S, R, E> Listener<S, S::Future>
+where
+    S: Service<Request, Response = R, Error = E> + Send + 'static,
+    S::Future: Send + 'static,
+    R: IntoReply + Send + 'static,
+    E: Into<BoxError> + Send + 'static,
+{
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        service: S,
+        control: Arc<Control>,
+        counters: Arc<[Counters]>,
+        settings: Settings,
+    ) -> std::io::Result<Self> {
+        let local = transport.local_addr()?;
+        // Every socket on the port gets a copy of a broadcast or multicast
+        // datagram: only the group's first listener handles them.
+        let receiver = Receiver::new(&*transport, settings.max_datagram_size, settings.index > 0);
+        let outbox = Outbox::new(&*transport);
+        counters[settings.index].attach(&transport);
+        Ok(Self {
+            local,
+            service,
+            control,
+            counters,
+            readiness: Readiness::Unknown,
+            paused: false,
+            receiver,
+            pending: VecDeque::new(),
+            in_flight: FuturesUnordered::new(),
+            staging: Box::pin(None),
+            outbox,
+            panic_log: LogGate::default(),
+            _live: Live::new(settings.live.clone()),
+            settings,
+            transport,
+        })
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters[self.settings.index]
+    }
+
+    /// Datagrams received and not finished.
+    fn occupancy(&self) -> usize {
+        self.pending.len() + self.in_flight.len() + self.outbox.len()
+    }
+
+    /// Serves until told to drain, then drains up to the shutdown timeout.
+    pub(crate) async fn run(mut self) -> DrainReport {
+        let index = self.settings.index;
+        tracing::info!(target: LISTENER, listener = index, local = %self.local, "listener start");
+        tracing::debug!(target: LISTENER, listener = index, "listener ready");
+        poll_fn(|cx| {
+            self.control.waker.register(cx.waker());
+            if self.control.is_draining() {
+                return Poll::Ready(());
+            }
+            self.poll_serve(cx, true)
+        })
+        .await;
+
+        // New datagrams are not this socket's any more: the system gives
+        // them to the group's other sockets or refuses them, and what is
+        // queued is counted when the socket closes.
+        if let Err(error) = self.transport.stop_receiving() {
+            tracing::debug!(target: LISTENER, listener = index, %error, "could not stop receiving before closing");
+        }
+        let outstanding = self.occupancy() as u64;
+        tracing::debug!(target: LISTENER, listener = index, in_flight = outstanding, "listener draining");
+        let deadline = tokio::time::sleep(self.settings.shutdown_timeout);
+        tokio::pin!(deadline);
+        let drained_all = poll_fn(|cx| {
+            if self.poll_serve(cx, false).is_ready() {
+                return Poll::Ready(true);
+            }
+            deadline.as_mut().poll(cx).map(|()| false)
+        })
+        .await;
+        let aborted = if drained_all { 0 } else { self.abort() };
+        let report = DrainReport {
+            drained: outstanding - aborted,
+            aborted,
+        };
+        let counters = &self.counters[index];
+        let unread = close(&mut self.receiver, &self.transport, counters);
+        tracing::info!(
+            target: LISTENER,
+            listener = index,
+            local = %self.local,
+            drained = report.drained,
+            aborted = report.aborted,
+            unread,
+            "listener stop"
+        );
+        report
+    }
+
+    /// Drops everything still in flight, counting it as aborted.
+    fn abort(&mut self) -> u64 {
+        let aborted = self.occupancy() as u64;
+        // Datagrams still pending never started: no `stop` for them.
+        self.pending.clear();
+        for staged in self.in_flight.iter() {
+            if let Some(peer) = staged.peer() {
+                tracing::trace!(target: CONNECTION, peer = %peer, outcome = "aborted", "stop");
+            }
+        }
+        // Each future's destructor runs under a catch (see `Staged`).
+        self.in_flight.clear();
+        for peer in self.outbox.clear() {
+            tracing::trace!(target: CONNECTION, peer = %peer, outcome = "aborted", "stop");
+        }
+        self.counters().finished(Outcome::Aborted, aborted);
+        aborted
+    }
+
+    /// One round of work. With `reading`, never finishes; without, finishes
+    /// once nothing is left in flight.
+    fn poll_serve(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<()> {
+        let mut budget = BUDGET;
+        loop {
+            let mut progress = false;
+
+            while let Poll::Ready(Some(done)) = self.in_flight.poll_next_unpin(cx) {
+                self.finish(done);
+                progress = true;
+            }
+
+            progress |= self.outbox.poll_flush(
+                cx,
+                &*self.transport,
+                &self.counters[self.settings.index],
+                self.settings.index,
+            );
+
+            while !self.pending.is_empty() && budget > 0 {
+                if self.poll_service_ready(cx).is_pending() {
+                    break;
+                }
+                let received = self.pending.pop_front().expect("pending is not empty");
+                tracing::trace!(target: CONNECTION, peer = %received.peer, len = received.payload.len(), "start");
+                match std::mem::replace(&mut self.readiness, Readiness::Unknown) {
+                    Readiness::Ready => self.dispatch(received, cx),
+                    Readiness::Unknown => unreachable!("poll_service_ready leaves a result"),
+                    Readiness::Failed(error) => {
+                        tracing::debug!(
+                            target: CONNECTION,
+                            peer = %received.peer,
+                            error = %error,
+                            "service not ready; datagram dropped"
+                        );
+                        self.count(received.peer, Outcome::HandlerError);
+                        let _ = drop_value(error);
+                    }
+                    Readiness::Panicked(message) => self.panicked(received.peer, &message),
+                }
+                budget -= 1;
+                progress = true;
+            }
+
+            if reading && self.pending.is_empty() && budget > 0 {
+                progress |= self.poll_receive(cx, &mut budget);
+            }
+
+            if !reading && self.occupancy() == 0 {
+                return Poll::Ready(());
+            }
+            if budget == 0 {
+                // Let other tasks run; come back straight away.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Polls the service until it is ready, fails or panics. The result is
+    /// kept until the next datagram uses it: a readiness error or panic
+    /// drops exactly one datagram.
+    fn poll_service_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if matches!(self.readiness, Readiness::Unknown) {
+            let service = &mut self.service;
+            self.readiness = match catch_unwind(AssertUnwindSafe(|| service.poll_ready(cx))) {
+                Ok(polled) => match ready!(polled) {
+                    Ok(()) => {
+                        tracing::trace!(target: CONNECTION, "ready");
+                        Readiness::Ready
+                    }
+                    Err(error) => Readiness::Failed(error.into()),
+                },
+                Err(panic) => Readiness::Panicked(panic_message(&*panic)),
+            };
+        }
+        Poll::Ready(())
+    }
+
+    /// Reads a batch once the service is ready and there is room in flight.
+    /// Returns whether anything happened.
+    fn poll_receive(&mut self, cx: &mut Context<'_>, budget: &mut usize) -> bool {
+        let room = self.settings.max_in_flight.saturating_sub(self.occupancy());
+        if room == 0 {
+            if !self.paused {
+                self.paused = true;
+                self.counters().read_paused();
+                tracing::trace!(target: LISTENER, listener = self.settings.index, reason = "in-flight limit", "listener waiting");
+            }
+            return false;
+        }
+        self.paused = false;
+        // Backpressure: a service that is not ready leaves datagrams in the
+        // kernel. A failing one gets the datagram anyway, which is then
+        // dropped and counted in the dispatch loop.
+        if self.poll_service_ready(cx).is_pending() {
+            return false;
+        }
+        let want = self.receiver.want(room, *budget);
+        match self.receiver.poll_batch(cx, &*self.transport, want) {
+            Poll::Pending => false,
+            Poll::Ready(Batch::Buffers(n)) => {
+                tracing::trace!(target: LISTENER, listener = self.settings.index, buffers = n, "listener receiving");
+                let counters = &self.counters[self.settings.index];
+                let pending = &mut self.pending;
+                let taken = self.receiver.accept(n, counters, |r| pending.push_back(r));
+                *budget = budget.saturating_sub(taken.max(1));
+                true
+            }
+            Poll::Ready(Batch::Error(error)) => {
+                *budget = budget.saturating_sub(1);
+                self.counters().receive_error();
+                self.receiver.log_error(self.settings.index, &error);
+                true
+            }
+        }
+    }
+
+    fn dispatch(&mut self, received: Received, cx: &mut Context<'_>) {
+        let local = SocketAddr::new(
+            received.dst_ip.unwrap_or(self.local.ip()),
+            self.local.port(),
+        );
+        let request = Request::received(
+            received.peer,
+            local,
+            received.payload,
+            received.at,
+            SendHandle::new(&self.transport),
+        );
+        let service = &mut self.service;
+        let future = match catch_unwind(AssertUnwindSafe(|| service.call(request))) {
+            Ok(future) => future,
+            Err(panic) => return self.panicked(received.peer, &panic_message(&*panic)),
+        };
+        // Poll once in place: a service that answers at once (most do) costs
+        // no allocation. Only a future that has to wait moves, with its box,
+        // into the in-flight set, and a new box takes its place.
+        self.staging.as_mut().set(Some(InFlight {
+            future,
+            peer: received.peer,
+            reply_from: received.reply_from,
+            received_at: received.at,
+        }));
+        let polled = self
+            .staging
+            .as_mut()
+            .as_pin_mut()
+            .expect("just staged")
+            .poll(cx);
+        match polled {
+            Poll::Ready(mut done) => {
+                if let Err(message) = drop_caught(self.staging.as_mut()) {
+                    done.finished = Finished::Panicked(message);
+                }
+                self.finish(done);
+            }
+            Poll::Pending => {
+                let waiting = std::mem::replace(&mut self.staging, Box::pin(None));
+                self.in_flight.push(Staged(waiting));
+            }
+        }
+    }
+
+    fn finish(&mut self, done: Done) {
+        #[cfg(feature = "metrics")]
+        self.counters().handled(done.received_at.elapsed());
+        #[cfg(not(feature = "metrics"))]
+        let _ = done.received_at;
+        match done.finished {
+            Finished::Reply(Some(payload)) => {
+                if answerable(done.peer) {
+                    self.outbox.push(Outgoing {
+                        destination: done.peer,
+                        src_ip: done.reply_from,
+                        payload,
+                    });
+                } else {
+                    self.count(done.peer, Outcome::RefusedDestination);
+                }
+            }
+            Finished::Reply(None) => self.count(done.peer, Outcome::NoReply),
+            Finished::Failed(error) => {
+                match drop_reason(&*error) {
+                    Some(reason) => self.count(done.peer, Outcome::Layer(reason)),
+                    None => {
+                        tracing::debug!(target: CONNECTION, peer = %done.peer, error = %error, "handler error; datagram dropped");
+                        self.count(done.peer, Outcome::HandlerError);
+                    }
+                }
+                if let Err(message) = drop_value(error) {
+                    tracing::error!(target: CONNECTION, panic = message, "an error's destructor panicked");
+                }
+            }
+            Finished::Panicked(message) => self.panicked(done.peer, &message),
+        }
+    }
+
+    fn panicked(&mut self, peer: SocketAddr, message: &str) {
+        self.count(peer, Outcome::Panicked);
+        if let Some(suppressed) = self.panic_log.allow() {
+            tracing::error!(target: CONNECTION, peer = %peer, panic = message, suppressed, "handler panicked; datagram dropped");
+        }
+    }
+
+    /// Counts one datagram's outcome, with its `stop` event.
+    fn count(&self, peer: SocketAddr, outcome: Outcome) {
+        tracing::trace!(target: CONNECTION, peer = %peer, outcome = outcome.as_str(), "stop");
+        self.counters().finished(outcome, 1);
+    }
+}
+
+/// Closes a listener's socket with nothing uncounted: reads what is still
+/// queued on it (it stopped receiving new datagrams), counts it as
+/// `unread_at_close`, and folds its kernel drop count into the listener's.
+/// Returns how many datagrams were left unread.
+fn close(receiver: &mut Receiver, transport: &Arc<dyn Transport>, counters: &Counters) -> u64 {
+    let unread = receiver.read_leftovers(&**transport);
+    counters.unread_at_close(unread);
+    counters.detach(transport);
+    unread
+}
+
+/// Closes the socket of a listener that died: makes it stop receiving, and
+/// counts what it left queued and what the kernel dropped on it.
+pub(crate) fn close_after_failure(
+    transport: &Arc<dyn Transport>,
+    counters: &Counters,
+    settings: &Settings,
+) -> u64 {
+    let _ = transport.stop_receiving();
+    let mut receiver = Receiver::new(&**transport, settings.max_datagram_size, settings.index > 0);
+    close(&mut receiver, transport, counters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_gate_lets_one_warning_through_per_second() {
+        let mut gate = LogGate::default();
+        assert_eq!(gate.allow(), Some(0));
+        assert_eq!(gate.allow(), None);
+        assert_eq!(gate.allow(), None);
+        gate.next = Some(Instant::now() - Duration::from_millis(1));
+        assert_eq!(gate.allow(), Some(2));
+    }
+}
