@@ -84,13 +84,20 @@ pub fn stats_line(stats: &Stats) -> String {
     }
     let _ = write!(
         line,
-        " receive_errors={} reads_paused={} kernel_drops={}",
+        " receive_errors={} reads_paused={} kernel_drops={} unread_at_close={}",
         stats.receive_errors,
         stats.reads_paused,
         stats
             .kernel_drops
-            .map_or_else(|| "n/a".to_owned(), |n| n.to_string())
+            .map_or_else(|| "n/a".to_owned(), |n| n.to_string()),
+        stats.unread_at_close
     );
+    if stats.group_copies_skipped > 0 {
+        let _ = write!(line, " group_copies_skipped={}", stats.group_copies_skipped);
+    }
+    if stats.listener_restarts > 0 {
+        let _ = write!(line, " listener_restarts={}", stats.listener_restarts);
+    }
     line
 }
 

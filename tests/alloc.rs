@@ -66,6 +66,31 @@ fn ping_pong(server: std::net::SocketAddr, warm_up: usize, measured: usize) -> u
     ALLOCATIONS.load(Ordering::SeqCst) - before
 }
 
+/// Sends `count` datagrams over the size limit, then one round trip (the
+/// server handles one socket's datagrams in order, so its reply means every
+/// drop was handled); returns the allocations counted meanwhile.
+fn oversized(server: std::net::SocketAddr, count: usize) -> u64 {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    socket.connect(server).unwrap();
+    let big = [0u8; 520];
+    let mut buf = [0u8; 64];
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    for i in 0..count {
+        socket.send(&big).unwrap();
+        if i % 64 == 63 {
+            // Stay under the socket buffers: one round trip per 64.
+            socket.send(b"sync").unwrap();
+            socket.recv(&mut buf).expect("a reply within 10 s");
+        }
+    }
+    socket.send(b"sync").unwrap();
+    socket.recv(&mut buf).expect("a reply within 10 s");
+    ALLOCATIONS.load(Ordering::SeqCst) - before
+}
+
 #[test]
 fn answering_a_datagram_through_the_full_stack_allocates_nothing() {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -86,12 +111,14 @@ fn answering_a_datagram_through_the_full_stack_allocates_nothing() {
     });
     let server = handle.local_addr();
     let measured = 20_000;
+    let dropped = 6_400;
     let (done, finished) = tokio::sync::oneshot::channel();
     let client = std::thread::spawn(move || {
-        let _ = done.send(ping_pong(server, 2_000, measured));
+        let answered = ping_pong(server, 2_000, measured);
+        let _ = done.send((answered, oversized(server, dropped)));
     });
     // Serve until the client reports.
-    let allocations = runtime.block_on(finished).expect("the client finished");
+    let (allocations, drop_allocations) = runtime.block_on(finished).expect("the client finished");
     client.join().unwrap();
     println!("{allocations} allocations in {measured} round trips");
     // The payload arena takes a new 64 KiB block now and then if a reply is
@@ -100,6 +127,16 @@ fn answering_a_datagram_through_the_full_stack_allocates_nothing() {
         allocations <= (measured / 1_000) as u64,
         "{allocations} allocations in {measured} round trips"
     );
-    assert_eq!(handle.stats().replied, 22_000);
+    println!("{drop_allocations} allocations for {dropped} dropped datagrams");
+    // The arena's 64 KiB blocks (3.3 MB of payload here fill about 50) and
+    // the first use of the drop events' call sites allocate; a drop itself
+    // must not (a boxed error per drop would be 6 400).
+    assert!(
+        drop_allocations <= (dropped / 50) as u64,
+        "a dropped datagram must not allocate: {drop_allocations} for {dropped}"
+    );
+    let stats = handle.stats();
+    assert_eq!(stats.dropped.too_large, dropped as u64);
+    assert_eq!(stats.replied, 22_000 + 101);
     runtime.block_on(handle.shutdown());
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the server on loopback sockets.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -607,4 +608,294 @@ async fn a_gro_buffer_is_checked_datagram_by_datagram_against_the_size_limit() {
     assert_eq!((stats.received, stats.replied), (4, 0));
     assert_accounted(&stats);
     handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_server_on_a_held_port_is_refused_as_in_use() {
+    let first = Server::bind(loopback())
+        .listeners(2)
+        .serve(echo())
+        .await
+        .unwrap();
+    let second = Server::bind(first.local_addr())
+        .listeners(2)
+        .serve(echo())
+        .await
+        .unwrap_err();
+    assert!(second.is_addr_in_use(), "{second:?}");
+    // The first server still has every peer.
+    for i in 0..16u8 {
+        let socket = client().await;
+        assert_eq!(ask(&socket, first.local_addr(), &[i]).await, vec![i]);
+    }
+    first.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_port_held_by_another_programs_sharing_socket_is_refused_unless_sharing_is_asked_for() {
+    // Another program's socket, bound with SO_REUSEPORT: it would share its
+    // port with anyone.
+    let holder =
+        abyss::transport::UdpTransport::bind(loopback(), &UdpOptions::new().share_port(true))
+            .unwrap();
+    let held = abyss::transport::Transport::local_addr(&holder).unwrap();
+    let error = Server::bind(held)
+        .listeners(1)
+        .serve(echo())
+        .await
+        .unwrap_err();
+    assert!(error.is_addr_in_use(), "{error:?}");
+
+    let shared = Server::bind(held)
+        .listeners(1)
+        .udp_options(UdpOptions::new().share_port(true))
+        .serve(echo())
+        .await
+        .expect("sharing, asked for, works");
+    assert_eq!(shared.local_addr(), held);
+    shared.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_empty_reply_behind_a_reply_to_the_same_peer_is_sent_too() {
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .serve(echo())
+        .await
+        .unwrap();
+    let socket = client().await;
+    // Pairs of a 64-byte and an empty datagram, sent before any is read, so
+    // the replies leave in one flush.
+    for _ in 0..20 {
+        socket
+            .send_to(&[7u8; 64], handle.local_addr())
+            .await
+            .unwrap();
+        socket.send_to(&[], handle.local_addr()).await.unwrap();
+    }
+    let mut sizes = Vec::new();
+    while sizes.len() < 40 {
+        let Some((reply, _)) = recv_within(&socket, PATIENCE).await else {
+            break;
+        };
+        sizes.push(reply.len());
+    }
+    let stats = settled(&handle).await;
+    assert_eq!(stats.replied, 40, "{stats:?}");
+    assert_eq!(
+        (
+            sizes.iter().filter(|&&n| n == 64).count(),
+            sizes.iter().filter(|&&n| n == 0).count()
+        ),
+        (20, 20),
+        "every reply counted as sent arrives: {sizes:?}"
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_datagram_to_the_loopback_broadcast_address_is_answered_from_the_host() {
+    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+        .listeners(1)
+        .serve(echo())
+        .await
+        .unwrap();
+    let port = handle.local_addr().port();
+    let socket = client().await;
+    socket.set_broadcast(true).unwrap();
+    socket
+        .send_to(b"anyone?", ("127.255.255.255", port))
+        .await
+        .unwrap();
+    let (reply, from) = recv_within(&socket, PATIENCE)
+        .await
+        .expect("a reply to a broadcast datagram");
+    assert_eq!(reply, b"anyone?");
+    assert_eq!(from, SocketAddr::from(([127, 0, 0, 1], port)));
+    let stats = settled(&handle).await;
+    assert_eq!((stats.replied, stats.dropped.send_failed), (1, 0));
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broadcast_datagram_is_handled_once_whatever_the_number_of_listeners() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+        .listeners(3)
+        .serve(service_fn({
+            let calls = calls.clone();
+            move |request: Request| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move { Ok::<_, Infallible>(request.into_payload()) }
+            }
+        }))
+        .await
+        .unwrap();
+    let port = handle.local_addr().port();
+    let socket = client().await;
+    socket.set_broadcast(true).unwrap();
+    for i in 0..10u8 {
+        socket
+            .send_to(&[i], ("127.255.255.255", port))
+            .await
+            .unwrap();
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 10 {
+        let (reply, _) = recv_within(&socket, PATIENCE).await.expect("a reply");
+        replies.push(reply[0]);
+    }
+    let stats = wait_for_stats(&handle, "two skipped copies of each", |s| {
+        s.group_copies_skipped == 20 && s.in_flight == 0
+    })
+    .await;
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 10);
+    assert_eq!((stats.received, stats.replied), (10, 10), "{stats:?}");
+    assert!(
+        recv_within(&socket, Duration::from_millis(50))
+            .await
+            .is_none(),
+        "one reply per datagram"
+    );
+    handle.shutdown().await;
+}
+
+/// An echo whose requests wait for a permit from `gate` (none comes: they
+/// stay in flight until aborted).
+fn held_by(
+    gate: Arc<Semaphore>,
+) -> impl tower::Service<
+    Request,
+    Response = Bytes,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Bytes, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |request: Request| {
+        let gate = gate.clone();
+        async move {
+            let _permit = gate.acquire().await;
+            Ok(request.into_payload())
+        }
+    })
+}
+
+#[tokio::test]
+async fn datagrams_queued_when_the_socket_closes_are_counted_as_unread() {
+    let gate = Arc::new(Semaphore::new(0));
+    let handle = Server::bind(loopback())
+        .listeners(1)
+        .max_in_flight(1)
+        .shutdown_timeout(Duration::from_millis(50))
+        .serve(held_by(gate.clone()))
+        .await
+        .unwrap();
+    let socket = client().await;
+    let sent = 300u64;
+    for i in 0..sent {
+        socket
+            .send_to(&i.to_be_bytes(), handle.local_addr())
+            .await
+            .unwrap();
+    }
+    // One is being handled (and never finishes); the rest wait in the
+    // socket's queue, or were dropped by the kernel once it was full.
+    wait_for_stats(&handle, "one datagram in flight", |s| s.in_flight == 1).await;
+    let report = handle.shutdown().await;
+    assert_eq!(report.aborted, 1);
+    let stats = handle.stats();
+    assert!(stats.unread_at_close > 0, "{stats:?}");
+    assert_eq!(
+        stats.received + stats.kernel_drops.unwrap() + stats.unread_at_close,
+        sent,
+        "every datagram the kernel took is accounted for: {stats:?}"
+    );
+    assert_accounted(&stats);
+}
+
+#[tokio::test]
+async fn a_suspended_server_counts_what_was_queued_and_refuses_what_comes_after() {
+    let gate = Arc::new(Semaphore::new(0));
+    let handle = Server::bind(loopback())
+        .listeners(2)
+        .max_in_flight(2)
+        .shutdown_timeout(Duration::from_millis(50))
+        .serve(held_by(gate.clone()))
+        .await
+        .unwrap();
+    let mut sent = 0u64;
+    let mut sockets = Vec::new();
+    for _ in 0..8 {
+        let socket = client().await;
+        for _ in 0..20 {
+            socket
+                .send_to(b"queued", handle.local_addr())
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        sockets.push(socket);
+    }
+    wait_for_stats(&handle, "both listeners full", |s| s.in_flight == 2).await;
+    handle.suspend().await.unwrap();
+    let stats = handle.stats();
+    assert_eq!(handle.live_listeners(), 0);
+    assert_eq!(
+        stats.received + stats.kernel_drops.unwrap() + stats.unread_at_close,
+        sent,
+        "{stats:?}"
+    );
+    assert_accounted(&stats);
+    handle.shutdown().await;
+}
+
+#[test]
+fn port_zero_never_gives_a_port_another_program_holds_even_one_that_shares() {
+    // In a namespace of its own, so its ephemeral range can be narrowed to
+    // two ports, both held by another program's sharing sockets.
+    let Some(netns) = abyss_tests::Netns::new("port0") else {
+        return;
+    };
+    netns.run(&[
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_local_port_range=40000 40001",
+    ]);
+    let outcome = netns
+        .spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let sharing = UdpOptions::new().share_port(true);
+                let holders: Vec<_> = [40000, 40001]
+                    .map(|port| {
+                        abyss::transport::UdpTransport::bind(
+                            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                            &sharing,
+                        )
+                        .unwrap()
+                    })
+                    .into();
+                let served = Server::bind(loopback()).listeners(2).serve(echo()).await;
+                drop(holders);
+                match served {
+                    Ok(handle) => {
+                        let port = handle.local_addr().port();
+                        handle.shutdown().await;
+                        Err(port)
+                    }
+                    Err(error) => Ok(error.to_string()),
+                }
+            })
+        })
+        .join()
+        .unwrap();
+    match outcome {
+        Ok(error) => assert!(error.contains("cannot bind"), "{error}"),
+        Err(port) => panic!("port 0 gave port {port}, which another program holds"),
+    }
 }

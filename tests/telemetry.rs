@@ -73,3 +73,97 @@ async fn a_served_datagram_emits_listener_and_connection_events() {
     assert!(position("recv") < position("send"));
     assert!(position("send") < position("listener stop"));
 }
+
+/// Records the `outcome` field of every `stop` event and counts `start`s.
+#[derive(Clone, Default)]
+struct Stops {
+    starts: Arc<Mutex<usize>>,
+    outcomes: Arc<Mutex<Vec<String>>>,
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    outcome: String,
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "message" => self.message = format!("{value:?}"),
+            "outcome" => self.outcome = format!("{value:?}"),
+            _ => {}
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "outcome" {
+            self.outcome = value.to_owned();
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Stops {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        if event.metadata().target() != "abyss::connection" {
+            return;
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        match fields.message.as_str() {
+            "start" => *self.starts.lock().unwrap() += 1,
+            "stop" => self.outcomes.lock().unwrap().push(fields.outcome),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_datagram_whose_handling_starts_ends_with_exactly_one_stop() {
+    let stops = Stops::default();
+    let subscriber = tracing_subscriber::registry().with(stops.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+        .listeners(1)
+        .max_packet_size(100)
+        .serve(tower::service_fn(|request: abyss::Request| async move {
+            match request.payload().as_ref() {
+                b"none" => Ok(None),
+                b"error" => Err(std::io::Error::other("refused")),
+                b"panic" => panic!("handler panicked"),
+                _ => Ok(Some(request.into_payload())),
+            }
+        }))
+        .await
+        .unwrap();
+    let socket = client().await;
+    let big = [0u8; 200];
+    let payloads: [&[u8]; 6] = [b"reply", b"none", b"error", b"panic", &big, b"reply"];
+    for payload in payloads {
+        socket.send_to(payload, handle.local_addr()).await.unwrap();
+    }
+    abyss_tests::wait_for_stats(&handle, "six datagrams finished", |s| {
+        s.received == 6 && s.in_flight == 0
+    })
+    .await;
+    handle.shutdown().await;
+
+    let mut outcomes = stops.outcomes.lock().unwrap().clone();
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        [
+            "handler_error",
+            "no_reply",
+            "panicked",
+            "replied",
+            "replied",
+            "too_large"
+        ],
+        "one stop per datagram, with its outcome"
+    );
+    assert_eq!(*stops.starts.lock().unwrap(), 6);
+}

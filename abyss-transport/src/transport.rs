@@ -124,12 +124,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     ///
     /// What is already queued stays readable with
     /// [`poll_recv`](Transport::poll_recv), which returns `Poll::Pending`
-    /// once it is empty; what arrives afterwards is not this endpoint's (the
-    /// system hands it to the other members of the group, or treats it as
-    /// sent to a closed port). A server calls this when a listener closes,
-    /// reads what is left and counts it, so that nothing the system accepted
-    /// goes uncounted. The default does nothing (what arrives between the
-    /// last read and the close is then lost uncounted).
+    /// once it is empty; what arrives afterwards is either not this
+    /// endpoint's (the system hands it to the other members of the group,
+    /// or treats it as sent to a closed port) or dropped and counted in
+    /// [`kernel_drops`](Transport::kernel_drops). A server calls this when a
+    /// listener begins to drain, and reads and counts what is left when it
+    /// closes, so that nothing the system accepted goes uncounted. The
+    /// default does nothing (what arrives between the last read and the
+    /// close is then lost uncounted).
     fn stop_receiving(&self) -> io::Result<()> {
         Ok(())
     }

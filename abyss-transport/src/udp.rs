@@ -711,17 +711,28 @@ impl Transport for UdpTransport {
         self.segments.transmit
     }
 
-    /// Connects the socket to its own address: the kernel then hands it
-    /// only datagrams from itself (none), so new ones go to the group's
-    /// other sockets, or are refused as sent to a closed port, while those
-    /// already queued stay readable.
+    /// A socket bound to one address is connected to that address: the
+    /// kernel then hands it only datagrams from itself (none), so new ones
+    /// go to the group's other sockets or are refused as sent to a closed
+    /// port, while those already queued stay readable. Connecting a socket
+    /// bound to a wildcard address would also fix its source address, so on
+    /// Linux such a socket gets a filter that drops every new datagram
+    /// instead, counted in [`kernel_drops`](Transport::kernel_drops).
     fn stop_receiving(&self) -> io::Result<()> {
+        let socket = socket2::SockRef::from(&self.io);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if self.local.ip().is_unspecified() {
+            // A classic BPF program of one instruction: return 0 (keep
+            // nothing).
+            const BPF_RET_K: u16 = 0x06;
+            return socket.attach_filter(&[socket2::SockFilter::new(BPF_RET_K, 0, 0, 0)]);
+        }
         let own = match self.local.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             ip => ip,
         };
-        socket2::SockRef::from(&self.io).connect(&SocketAddr::new(own, self.local.port()).into())
+        socket.connect(&SocketAddr::new(own, self.local.port()).into())
     }
 }
 

@@ -224,6 +224,39 @@ async fn a_socket_that_stopped_receiving_keeps_its_queue_and_takes_nothing_new()
 }
 
 #[tokio::test]
+async fn a_wildcard_socket_that_stopped_receiving_counts_new_datagrams_as_kernel_drops() {
+    let server = bind("0.0.0.0:0", &UdpOptions::new());
+    let port = server.local_addr().unwrap().port();
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for _ in 0..5 {
+        client
+            .send_to(b"queued", ("127.0.0.1", port))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let drops_before = server.kernel_drops().unwrap();
+    server.stop_receiving().unwrap();
+    for _ in 0..7 {
+        client.send_to(b"late", ("127.0.0.1", port)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(drain_now(&server), 5, "what was queued stays readable");
+    assert_eq!(server.kernel_drops().unwrap() - drops_before, 7);
+    // It still sends, from the address the system picks.
+    let transmit = Transmit::new(client.local_addr().unwrap(), b"still here");
+    poll_fn(|cx| server.poll_send(cx, std::slice::from_ref(&transmit)))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 32];
+    let (n, from) = tokio::time::timeout(PATIENCE, client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((&buf[..n], from.port()), (&b"still here"[..], port));
+}
+
+#[tokio::test]
 async fn invalid_options_are_named() {
     let cases: Vec<(UdpOptions, &str)> = vec![
         (UdpOptions::new().multicast_ttl_v4(256), "multicast_ttl_v4"),

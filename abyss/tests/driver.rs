@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::poll_fn;
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -88,6 +89,18 @@ where
         .bind(SERVER.parse().unwrap())
         .transport(net.clone())
         .serve(service)
+        .await
+        .unwrap()
+}
+
+/// An echo server with `builder`'s options on the transports `bind` opens.
+async fn echo_on(bind: impl abyss::transport::Bind, builder: abyss::Builder) -> ServerHandle {
+    builder
+        .bind(SERVER.parse().unwrap())
+        .transport(bind)
+        .serve(service_fn(|r: Request| async move {
+            Ok::<_, Infallible>(r.into_payload())
+        }))
         .await
         .unwrap()
 }
@@ -260,10 +273,12 @@ async fn drops_decided_by_layers_are_counted_under_their_reason() {
     handle.shutdown().await;
 }
 
-/// A service whose `poll_ready` fails on its first `failures` polls.
+/// A service whose `poll_ready` fails (or, with `panics`, panics) on its
+/// first `failures` polls.
 #[derive(Clone)]
 struct FailsWhenPolled {
     failures: Arc<AtomicUsize>,
+    panics: bool,
 }
 
 impl Service<Request> for FailsWhenPolled {
@@ -275,6 +290,9 @@ impl Service<Request> for FailsWhenPolled {
         let left = self.failures.load(Ordering::SeqCst);
         if left > 0 {
             self.failures.store(left - 1, Ordering::SeqCst);
+            if self.panics {
+                panic!("poll_ready exploded");
+            }
             return Poll::Ready(Err(std::io::Error::other("not ready, ever")));
         }
         Poll::Ready(Ok(()))
@@ -290,6 +308,7 @@ async fn a_failing_poll_ready_drops_the_datagram_and_the_listener_goes_on() {
     let net = MemoryNetwork::new();
     let service = FailsWhenPolled {
         failures: Arc::new(AtomicUsize::new(3)),
+        panics: false,
     };
     let handle = serve_on(&net, Server::builder().listeners(1), service).await;
     let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
@@ -489,14 +508,7 @@ impl abyss::transport::Bind for FaultyNetwork {
 #[tokio::test(start_paused = true)]
 async fn receive_and_send_errors_are_counted_and_the_listener_goes_on() {
     let net = MemoryNetwork::new();
-    let handle = Server::bind(SERVER.parse().unwrap())
-        .listeners(1)
-        .transport(FaultyNetwork(net.clone()))
-        .serve(service_fn(|r: Request| async move {
-            Ok::<_, Infallible>(r.into_payload())
-        }))
-        .await
-        .unwrap();
+    let handle = echo_on(FaultyNetwork(net.clone()), Server::builder().listeners(1)).await;
     let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
     for payload in [&b"a"[..], b"!b", b"c", b"!d", b"e", b"f"] {
         send(&client, handle.local_addr(), payload).await;
@@ -580,14 +592,7 @@ impl abyss::transport::Bind for NoGsoNetwork {
 #[tokio::test(start_paused = true)]
 async fn replies_fall_back_to_one_datagram_each_when_the_path_refuses_gso() {
     let net = MemoryNetwork::new();
-    let handle = Server::bind(SERVER.parse().unwrap())
-        .listeners(1)
-        .transport(NoGsoNetwork(net.clone()))
-        .serve(service_fn(|r: Request| async move {
-            Ok::<_, Infallible>(r.into_payload())
-        }))
-        .await
-        .unwrap();
+    let handle = echo_on(NoGsoNetwork(net.clone()), Server::builder().listeners(1)).await;
     let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
     // Five same-sized datagrams from one peer: a GSO run for the driver.
     for i in 0..5u8 {
@@ -598,5 +603,478 @@ async fn replies_fall_back_to_one_datagram_each_when_the_path_refuses_gso() {
     assert_eq!(replies, (0..5u8).map(|i| vec![i; 8]).collect::<Vec<_>>());
     let stats = handle.stats();
     assert_eq!((stats.replied, stats.dropped.send_failed), (5, 0));
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_poll_ready_drops_one_datagram_and_the_listener_goes_on() {
+    let net = MemoryNetwork::new();
+    let service = FailsWhenPolled {
+        failures: Arc::new(AtomicUsize::new(1)),
+        panics: true,
+    };
+    let handle = serve_on(&net, Server::builder().listeners(1), service).await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for i in 0..3u8 {
+        send(&client, handle.local_addr(), &[i]).await;
+    }
+    run_until_idle().await;
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.received, stats.dropped.panicked, stats.replied),
+        (3, 1, 2),
+        "{stats:?}"
+    );
+    assert_eq!((handle.live_listeners(), stats.listener_restarts), (1, 0));
+    assert!(accounted(&stats));
+    handle.shutdown().await;
+}
+
+/// A future that answers after `delay` (or at once) and panics when
+/// dropped.
+struct ExplodesOnDrop {
+    reply: Option<Bytes>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Future for ExplodesOnDrop {
+    type Output = Result<Bytes, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(sleep) = self.sleep.as_mut() {
+            std::task::ready!(sleep.as_mut().poll(cx));
+        }
+        Poll::Ready(Ok(self.reply.take().expect("polled after the end")))
+    }
+}
+
+impl Drop for ExplodesOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("a destructor exploded");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn panics_in_the_destructors_of_service_futures_are_counted_and_the_listener_goes_on() {
+    let net = MemoryNetwork::new();
+    let service = service_fn(|request: Request| {
+        let slow = request.payload().as_ref() == b"slow";
+        ExplodesOnDrop {
+            reply: Some(request.into_payload()),
+            sleep: slow.then(|| Box::pin(tokio::time::sleep(Duration::from_secs(60)))),
+        }
+    });
+    let handle = serve_on(
+        &net,
+        Server::builder()
+            .listeners(1)
+            .shutdown_timeout(Duration::from_secs(1)),
+        service,
+    )
+    .await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    send(&client, handle.local_addr(), b"fast").await;
+    send(&client, handle.local_addr(), b"slow").await;
+    run_until_idle().await;
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.received, stats.dropped.panicked, stats.in_flight),
+        (2, 1, 1),
+        "{stats:?}"
+    );
+    // The slow one is dropped at the shutdown deadline: its destructor
+    // panics too, and the report still comes back.
+    let report = handle.shutdown().await;
+    assert_eq!((report.drained, report.aborted), (0, 1));
+    let stats = handle.stats();
+    assert_eq!((stats.dropped.aborted, stats.listener_restarts), (1, 0));
+    assert!(accounted(&stats));
+}
+
+/// Memory transports whose receive panics when it meets a datagram saying
+/// `boom` (the first time only).
+#[derive(Debug, Clone)]
+struct PanickyNetwork {
+    net: MemoryNetwork,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Debug)]
+struct Panicky {
+    inner: Arc<dyn Transport>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Transport for Panicky {
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = self.inner.poll_recv(cx, &mut bufs[..1], &mut meta[..1]);
+        if let Poll::Ready(Ok(1)) = polled
+            && &bufs[0][..meta[0].len] == b"boom"
+            && self.armed.swap(false, Ordering::SeqCst)
+        {
+            panic!("the transport exploded");
+        }
+        polled
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        transmits: &[Transmit<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.poll_send(cx, transmits)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn kernel_drops(&self) -> Option<u64> {
+        self.inner.kernel_drops()
+    }
+
+    fn stop_receiving(&self) -> std::io::Result<()> {
+        self.inner.stop_receiving()
+    }
+}
+
+impl PanickyNetwork {
+    fn wrap(&self, inner: Arc<dyn Transport>) -> Arc<dyn Transport> {
+        Arc::new(Panicky {
+            inner,
+            armed: self.armed.clone(),
+        })
+    }
+}
+
+impl abyss::transport::Bind for PanickyNetwork {
+    fn bind_group(
+        &self,
+        addr: SocketAddr,
+        count: usize,
+    ) -> std::io::Result<Vec<Arc<dyn Transport>>> {
+        let group = self.net.bind_group(addr, count)?;
+        Ok(group.into_iter().map(|t| self.wrap(t)).collect())
+    }
+
+    fn join_group(&self, addr: SocketAddr) -> std::io::Result<Arc<dyn Transport>> {
+        Ok(self.wrap(self.net.join_group(addr)?))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listener_that_dies_is_replaced_and_what_it_held_is_counted() {
+    let net = MemoryNetwork::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let handle = Server::bind(SERVER.parse().unwrap())
+        .listeners(1)
+        .transport(PanickyNetwork {
+            net: net.clone(),
+            armed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        })
+        .serve(gated(gate.clone()))
+        .await
+        .unwrap();
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    // One request in flight, then a datagram that takes the listener down,
+    // then one queued behind it.
+    send(&client, handle.local_addr(), b"held").await;
+    run_until_idle().await;
+    send(&client, handle.local_addr(), b"boom").await;
+    send(&client, handle.local_addr(), b"queued").await;
+    run_until_idle().await;
+
+    let stats = handle.stats();
+    assert_eq!(stats.listener_restarts, 1, "{stats:?}");
+    assert_eq!(handle.live_listeners(), 1);
+    assert_eq!(stats.dropped.aborted, 1, "the request in flight: {stats:?}");
+    assert_eq!(stats.unread_at_close, 1, "the datagram queued: {stats:?}");
+    assert!(accounted(&stats));
+
+    // The replacement serves.
+    gate.add_permits(10);
+    send(&client, handle.local_addr(), b"after").await;
+    run_until_idle().await;
+    let replies: Vec<Vec<u8>> = drain(&client).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(replies, [b"after".to_vec()]);
+    let report = handle.shutdown().await;
+    assert_eq!(report.aborted, 0);
+    assert_eq!(handle.live_listeners(), 0);
+}
+
+/// A transport that answers receives with nonsense: `Ok(0)` forever, or
+/// (`overflow`) once a count larger than the buffers and once a datagram
+/// longer than its buffer, then the truth.
+#[derive(Debug)]
+struct Nonsense {
+    inner: MemoryTransport,
+    overflow: bool,
+    calls: AtomicUsize,
+}
+
+impl Transport for Nonsense {
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if !self.overflow {
+            // Enough to tell a busy loop from a paused one, then quiet, so
+            // that a test of a spinning listener ends.
+            if call > 10_000 {
+                return Poll::Pending;
+            }
+            return Poll::Ready(Ok(0));
+        }
+        match call {
+            0 => Poll::Ready(Ok(bufs.len() + 1)),
+            1 => {
+                meta[0] = RecvMeta::new("10.0.0.9:9".parse().unwrap(), bufs[0].len() + 1);
+                Poll::Ready(Ok(1))
+            }
+            _ => self.inner.poll_recv(cx, bufs, meta),
+        }
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        transmits: &[Transmit<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.poll_send(cx, transmits)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_receive_batch(&self) -> usize {
+        4
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NonsenseNetwork {
+    net: MemoryNetwork,
+    overflow: bool,
+    calls: Arc<std::sync::Mutex<Vec<Arc<Nonsense>>>>,
+}
+
+impl abyss::transport::Bind for NonsenseNetwork {
+    fn bind_group(
+        &self,
+        addr: SocketAddr,
+        _count: usize,
+    ) -> std::io::Result<Vec<Arc<dyn Transport>>> {
+        let transport = Arc::new(Nonsense {
+            inner: self.net.bind(addr)?,
+            overflow: self.overflow,
+            calls: AtomicUsize::new(0),
+        });
+        self.calls.lock().unwrap().push(transport.clone());
+        Ok(vec![transport])
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transport_that_receives_nothing_forever_is_polled_with_pauses_not_spun() {
+    let net = NonsenseNetwork {
+        net: MemoryNetwork::new(),
+        overflow: false,
+        calls: Arc::default(),
+    };
+    let handle = echo_on(net.clone(), Server::builder().listeners(1)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let calls = net.calls.lock().unwrap()[0].calls.load(Ordering::SeqCst);
+    // Backing off from 1 ms, doubling up to 1 s: about 20 calls in 10 s.
+    assert!(calls < 100, "{calls} receive calls in 10 s");
+    let stats = handle.stats();
+    assert_eq!(stats.receive_errors as usize, calls, "{stats:?}");
+    assert_eq!(stats.received, 0);
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transport_that_reports_more_than_its_buffers_hold_is_a_counted_error_not_a_panic() {
+    let net = NonsenseNetwork {
+        net: MemoryNetwork::new(),
+        overflow: true,
+        calls: Arc::default(),
+    };
+    let handle = echo_on(
+        net.clone(),
+        Server::builder().listeners(1).max_datagram_size(1500),
+    )
+    .await;
+    let client = net.net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    send(&client, handle.local_addr(), b"real").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats = handle.stats();
+    assert_eq!(stats.receive_errors, 2, "{stats:?}");
+    assert_eq!((stats.received, stats.replied), (1, 1), "{stats:?}");
+    assert_eq!((handle.live_listeners(), stats.listener_restarts), (1, 0));
+    assert_eq!(drain(&client).len(), 1);
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspend_given_up_midway_still_closes_the_old_sockets_before_resume_opens_new_ones() {
+    let net = MemoryNetwork::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let handle = serve_on(
+        &net,
+        Server::builder()
+            .listeners(2)
+            .shutdown_timeout(Duration::from_secs(30)),
+        gated(gate.clone()),
+    )
+    .await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    send(&client, handle.local_addr(), b"held").await;
+    run_until_idle().await;
+    // The caller stops waiting while a request is still draining.
+    let given_up = tokio::time::timeout(Duration::from_secs(1), handle.suspend()).await;
+    assert!(
+        given_up.is_err(),
+        "the drain outlives the caller's patience"
+    );
+    let resumed = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.resume().await }
+    });
+    run_until_idle().await;
+    assert!(!resumed.is_finished(), "resume waits for the old sockets");
+    gate.add_permits(10);
+    assert_eq!(resumed.await.unwrap().unwrap(), SERVER.parse().unwrap());
+    assert_eq!(handle.live_listeners(), 2, "only the new group serves");
+    send(&client, handle.local_addr(), b"again").await;
+    run_until_idle().await;
+    let replies: Vec<Vec<u8>> = drain(&client).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(replies, [b"held".to_vec(), b"again".to_vec()]);
+    handle.shutdown().await;
+}
+
+/// A memory transport with GSO whose path carries segments of at most 100
+/// bytes: a longer GSO segment is refused with `EMSGSIZE`, as Linux does.
+/// GSO transmits it takes are split into their datagrams and counted.
+#[derive(Debug)]
+struct ShortPath {
+    inner: MemoryTransport,
+    gso_sent: AtomicUsize,
+}
+
+impl Transport for ShortPath {
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        transmits: &[Transmit<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        for (i, transmit) in transmits.iter().enumerate() {
+            match transmit.segment_size {
+                Some(size) if size > 100 => {
+                    return if i == 0 {
+                        Poll::Ready(Err(std::io::Error::from_raw_os_error(90)))
+                    } else {
+                        Poll::Ready(Ok(i))
+                    };
+                }
+                Some(size) => {
+                    self.gso_sent.fetch_add(1, Ordering::SeqCst);
+                    for segment in transmit.contents.chunks(size) {
+                        let one = Transmit::new(transmit.destination, segment);
+                        let _ = self.inner.poll_send(cx, std::slice::from_ref(&one));
+                    }
+                }
+                None => {
+                    let _ = self.inner.poll_send(cx, std::slice::from_ref(transmit));
+                }
+            }
+        }
+        Poll::Ready(Ok(transmits.len()))
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_receive_batch(&self) -> usize {
+        32
+    }
+
+    fn max_transmit_batch(&self) -> usize {
+        32
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        64
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ShortPathNetwork {
+    net: MemoryNetwork,
+    bound: Arc<std::sync::Mutex<Vec<Arc<ShortPath>>>>,
+}
+
+impl abyss::transport::Bind for ShortPathNetwork {
+    fn bind_group(
+        &self,
+        addr: SocketAddr,
+        _count: usize,
+    ) -> std::io::Result<Vec<Arc<dyn Transport>>> {
+        let transport = Arc::new(ShortPath {
+            inner: self.net.bind(addr)?,
+            gso_sent: AtomicUsize::new(0),
+        });
+        self.bound.lock().unwrap().push(transport.clone());
+        Ok(vec![transport])
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gso_run_the_path_refuses_is_resent_datagram_by_datagram_and_gso_stays_on() {
+    let net = ShortPathNetwork {
+        net: MemoryNetwork::new(),
+        bound: Arc::default(),
+    };
+    let handle = echo_on(net.clone(), Server::builder().listeners(1)).await;
+    let client = net.net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for i in 0..5u8 {
+        send(&client, handle.local_addr(), &[i; 200]).await;
+    }
+    run_until_idle().await;
+    let replies: Vec<Vec<u8>> = drain(&client).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(replies, (0..5u8).map(|i| vec![i; 200]).collect::<Vec<_>>());
+    for i in 0..5u8 {
+        send(&client, handle.local_addr(), &[i; 50]).await;
+    }
+    run_until_idle().await;
+    assert_eq!(drain(&client).len(), 5);
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.replied, stats.dropped.send_failed),
+        (10, 0),
+        "{stats:?}"
+    );
+    let gso_sent = net.bound.lock().unwrap()[0].gso_sent.load(Ordering::SeqCst);
+    assert!(gso_sent > 0, "GSO is still used for runs the path takes");
     handle.shutdown().await;
 }

@@ -461,4 +461,56 @@ mod tests {
         );
         assert_eq!(stats.in_flight, 0);
     }
+
+    /// A transport that only reports a fixed kernel drop count.
+    #[derive(Debug)]
+    struct Drops(u64);
+
+    impl crate::transport::Transport for Drops {
+        fn poll_recv(
+            &self,
+            _cx: &mut std::task::Context<'_>,
+            _bufs: &mut [std::io::IoSliceMut<'_>],
+            _meta: &mut [crate::transport::RecvMeta],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+
+        fn poll_send(
+            &self,
+            _cx: &mut std::task::Context<'_>,
+            _transmits: &[crate::transport::Transmit<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+
+        fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+            Ok(([127, 0, 0, 1], 1).into())
+        }
+
+        fn kernel_drops(&self) -> Option<u64> {
+            Some(self.0)
+        }
+    }
+
+    #[test]
+    fn closing_an_old_socket_keeps_counting_the_one_that_replaced_it() {
+        let counters = Counters::default();
+        let old: std::sync::Arc<dyn crate::transport::Transport> = std::sync::Arc::new(Drops(3));
+        let new: std::sync::Arc<dyn crate::transport::Transport> = std::sync::Arc::new(Drops(5));
+        counters.attach(&old);
+        counters.attach(&new);
+        counters.detach(&old);
+        let mut stats = Stats::default();
+        counters.add_to(&mut stats);
+        assert_eq!(
+            stats.kernel_drops,
+            Some(3 + 5),
+            "the new socket is still asked"
+        );
+        counters.detach(&new);
+        let mut stats = Stats::default();
+        counters.add_to(&mut stats);
+        assert_eq!(stats.kernel_drops, Some(8));
+    }
 }

@@ -36,6 +36,9 @@ use crate::{IntoReply, Request, SendHandle};
 
 /// Datagrams a listener handles in one poll before it yields to the runtime.
 const BUDGET: usize = 256;
+/// Most datagrams received, or transmits sent, in one transport call (a
+/// transport may move fewer: see `Transport::max_receive_batch`).
+const MAX_BATCH: usize = 32;
 
 /// Tells a listener to stop reading and drain.
 #[derive(Debug, Default)]

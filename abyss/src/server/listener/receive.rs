@@ -11,12 +11,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::super::stats::{Counters, Outcome};
-use super::LogGate;
+use super::{LogGate, MAX_BATCH};
 use crate::middleware::targets::{CONNECTION, LISTENER};
 use crate::transport::{RecvMeta, Transport};
 
-/// Most datagrams received in one transport call.
-pub(super) const MAX_BATCH: usize = 32;
 /// Receive scratch space a listener keeps (slots of `max_datagram_size`,
 /// or of 64 KiB when the transport coalesces with GRO).
 const SCRATCH_BYTES: usize = 1 << 20;

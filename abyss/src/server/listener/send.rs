@@ -13,12 +13,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 
 use super::super::stats::{Counters, Outcome};
-use super::LogGate;
+use super::{LogGate, MAX_BATCH};
 use crate::middleware::targets::{CONNECTION, LISTENER};
 use crate::transport::{Transmit, Transport};
 
-/// Most transmits sent in one transport call.
-const MAX_BATCH: usize = 32;
 /// The most payload one GSO transmit carries.
 const GSO_MAX_BYTES: usize = 65_000;
 /// Replies copied into one send buffer per flush, for GSO.
