@@ -899,3 +899,23 @@ fn port_zero_never_gives_a_port_another_program_holds_even_one_that_shares() {
         Err(port) => panic!("port 0 gave port {port}, which another program holds"),
     }
 }
+
+#[tokio::test]
+async fn a_server_asking_for_broadcast_runs_one_listener_unless_told_otherwise() {
+    let broadcast = UdpOptions::new().broadcast(true);
+    let handle = Server::bind(loopback())
+        .udp_options(broadcast.clone())
+        .serve(echo())
+        .await
+        .unwrap();
+    assert_eq!(handle.live_listeners(), 1);
+    handle.shutdown().await;
+    let handle = Server::bind(loopback())
+        .listeners(2)
+        .udp_options(broadcast)
+        .serve(echo())
+        .await
+        .unwrap();
+    assert_eq!(handle.live_listeners(), 2);
+    handle.shutdown().await;
+}

@@ -455,6 +455,8 @@ pub struct UdpTransport {
     /// Every task waiting to send, woken together (tokio keeps one waker
     /// per direction).
     writers: Arc<Writers>,
+    /// `stop_receiving` was called: receives read the socket directly.
+    stopped: std::sync::atomic::AtomicBool,
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     state: imp::State,
     segments: imp::Segments,
@@ -493,6 +495,7 @@ impl UdpTransport {
             io: tokio::net::UdpSocket::from_std(socket)?,
             local,
             writers: Arc::default(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             #[cfg(not(any(target_os = "linux", target_os = "android")))]
             state: imp::State::default(),
             segments,
@@ -580,6 +583,14 @@ impl UdpTransport {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.io);
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            // Closing: read what is queued whatever tokio last heard from
+            // epoll (its readiness may lag a burst that just arrived).
+            match mmsg::recv(fd, bufs, meta) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+        }
         self.poll_io(cx, Interest::READABLE, || mmsg::recv(fd, bufs, meta))
     }
 
@@ -711,28 +722,34 @@ impl Transport for UdpTransport {
         self.segments.transmit
     }
 
-    /// A socket bound to one address is connected to that address: the
-    /// kernel then hands it only datagrams from itself (none), so new ones
-    /// go to the group's other sockets or are refused as sent to a closed
-    /// port, while those already queued stay readable. Connecting a socket
-    /// bound to a wildcard address would also fix its source address, so on
-    /// Linux such a socket gets a filter that drops every new datagram
-    /// instead, counted in [`kernel_drops`](Transport::kernel_drops).
+    /// On Linux, a socket bound to one address is connected to that
+    /// address: the kernel then hands it only datagrams from itself (none),
+    /// so new ones go to the group's other sockets or are refused as sent
+    /// to a closed port. Connecting a socket bound to a wildcard address
+    /// would also fix its source address, so such a socket gets a filter
+    /// that drops every new datagram instead, counted in
+    /// [`kernel_drops`](Transport::kernel_drops) (it stays in its
+    /// `SO_REUSEPORT` group meanwhile, so the peers the kernel hashes to it
+    /// are dropped until it closes). Either way, what is queued stays
+    /// readable, and receives from then on read the socket directly rather
+    /// than wait for readiness. Elsewhere (where a connected socket cannot
+    /// send to other addresses) this does nothing.
     fn stop_receiving(&self) -> io::Result<()> {
-        let socket = socket2::SockRef::from(&self.io);
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if self.local.ip().is_unspecified() {
-            // A classic BPF program of one instruction: return 0 (keep
-            // nothing).
-            const BPF_RET_K: u16 = 0x06;
-            return socket.attach_filter(&[socket2::SockFilter::new(BPF_RET_K, 0, 0, 0)]);
+        {
+            let socket = socket2::SockRef::from(&self.io);
+            if self.local.ip().is_unspecified() {
+                // A classic BPF program of one instruction: return 0 (keep
+                // nothing).
+                const BPF_RET_K: u16 = 0x06;
+                socket.attach_filter(&[socket2::SockFilter::new(BPF_RET_K, 0, 0, 0)])?;
+            } else {
+                socket.connect(&self.local.into())?;
+            }
+            self.stopped
+                .store(true, std::sync::atomic::Ordering::Release);
         }
-        let own = match self.local.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        socket.connect(&SocketAddr::new(own, self.local.port()).into())
+        Ok(())
     }
 }
 

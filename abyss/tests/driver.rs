@@ -694,17 +694,19 @@ async fn panics_in_the_destructors_of_service_futures_are_counted_and_the_listen
 }
 
 /// Memory transports whose receive panics when it meets a datagram saying
-/// `boom` (the first time only).
+/// `boom` (the first time only), or, `always`, on every call.
 #[derive(Debug, Clone)]
 struct PanickyNetwork {
     net: MemoryNetwork,
     armed: Arc<std::sync::atomic::AtomicBool>,
+    always: bool,
 }
 
 #[derive(Debug)]
 struct Panicky {
     inner: Arc<dyn Transport>,
     armed: Arc<std::sync::atomic::AtomicBool>,
+    always: bool,
 }
 
 impl Transport for Panicky {
@@ -714,6 +716,7 @@ impl Transport for Panicky {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<std::io::Result<usize>> {
+        assert!(!self.always, "the transport always explodes");
         let polled = self.inner.poll_recv(cx, &mut bufs[..1], &mut meta[..1]);
         if let Poll::Ready(Ok(1)) = polled
             && &bufs[0][..meta[0].len] == b"boom"
@@ -750,6 +753,7 @@ impl PanickyNetwork {
         Arc::new(Panicky {
             inner,
             armed: self.armed.clone(),
+            always: self.always,
         })
     }
 }
@@ -778,6 +782,7 @@ async fn a_listener_that_dies_is_replaced_and_what_it_held_is_counted() {
         .transport(PanickyNetwork {
             net: net.clone(),
             armed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            always: false,
         })
         .serve(gated(gate.clone()))
         .await
@@ -789,7 +794,9 @@ async fn a_listener_that_dies_is_replaced_and_what_it_held_is_counted() {
     run_until_idle().await;
     send(&client, handle.local_addr(), b"boom").await;
     send(&client, handle.local_addr(), b"queued").await;
-    run_until_idle().await;
+    // The replacement starts after a short delay (10 ms for a listener that
+    // dies young), so that one that keeps dying cannot spin.
+    tokio::time::sleep(Duration::from_millis(100)).await;
 
     let stats = handle.stats();
     assert_eq!(stats.listener_restarts, 1, "{stats:?}");
@@ -806,6 +813,26 @@ async fn a_listener_that_dies_is_replaced_and_what_it_held_is_counted() {
     assert_eq!(replies, [b"after".to_vec()]);
     let report = handle.shutdown().await;
     assert_eq!(report.aborted, 0);
+    assert_eq!(handle.live_listeners(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listener_that_keeps_dying_is_replaced_with_growing_pauses() {
+    let net = MemoryNetwork::new();
+    let handle = echo_on(
+        PanickyNetwork {
+            net: net.clone(),
+            armed: Arc::default(),
+            always: true,
+        },
+        Server::builder().listeners(1),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // 10 ms, 20 ms, ... up to 5 s between deaths: about a dozen in 10 s.
+    let restarts = handle.stats().listener_restarts;
+    assert!((5..=20).contains(&restarts), "{restarts} restarts in 10 s");
+    handle.shutdown().await;
     assert_eq!(handle.live_listeners(), 0);
 }
 

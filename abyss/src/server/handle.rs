@@ -222,7 +222,8 @@ impl ServerHandle {
     ///
     /// Cancel-safe: if the returned future is dropped (under a timeout, say)
     /// the listeners still stop, drain and close, and the server is shut
-    /// down.
+    /// down; the shutdown hooks, which run in this future, are dropped with
+    /// it.
     pub async fn shutdown(&self) -> DrainReport {
         let mut lifecycle = self.inner.lifecycle.lock().await;
         match std::mem::replace(&mut lifecycle.phase, Phase::Stopped) {
@@ -353,11 +354,19 @@ impl Inner {
     }
 }
 
+/// How long a supervisor waits before replacing a listener that died soon
+/// after the last replacement: from `FIRST_RESTART_DELAY`, doubled at each
+/// quick death, up to `MAX_RESTART_DELAY`. A listener that lived longer
+/// than `MAX_RESTART_DELAY` is replaced at once.
+const FIRST_RESTART_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+const MAX_RESTART_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Waits for a listener task; if it ends by surprise (a panic outside the
 /// service, which the listener catches itself), counts what it left
 /// unfinished as aborted and what was queued on its socket as unread, and
 /// starts a replacement on a new socket in the same group, unless the
-/// server is stopping.
+/// server is stopping. A listener that keeps dying is replaced with a
+/// growing delay, so that it cannot spin.
 async fn supervise(
     inner: Arc<Inner>,
     group: SocketAddr,
@@ -367,14 +376,25 @@ async fn supervise(
     mut task: JoinHandle<DrainReport>,
 ) -> DrainReport {
     let counters = &inner.counters[settings.index];
+    let listener = settings.index;
+    let mut started = tokio::time::Instant::now();
+    let mut delay = std::time::Duration::ZERO;
     loop {
         let error = match task.await {
             Ok(report) => return report,
+            Err(error) if error.is_cancelled() => return DrainReport::default(),
             Err(error) => error,
         };
-        let listener = settings.index;
-        tracing::error!(target: LISTENER, listener, %error, "listener ended by surprise");
         let aborted = counters.abort_unfinished();
+        delay = if started.elapsed() > MAX_RESTART_DELAY {
+            std::time::Duration::ZERO
+        } else {
+            (delay * 2).clamp(FIRST_RESTART_DELAY, MAX_RESTART_DELAY)
+        };
+        tracing::error!(target: LISTENER, listener, %error, aborted, restart_in = ?delay, "listener ended by surprise");
+        // Its socket stays open meanwhile: what arrives waits there, and is
+        // counted when it closes.
+        tokio::time::sleep(delay).await;
         // Open the replacement before closing the old socket, so that the
         // port is never without a reader.
         let replacement = if control.is_draining() {
@@ -392,7 +412,7 @@ async fn supervise(
         let Some(fresh) = replacement else {
             return DrainReport {
                 drained: 0,
-                aborted: aborted + unread,
+                aborted,
             };
         };
         transport = fresh;
@@ -404,11 +424,13 @@ async fn supervise(
         ) {
             Ok(next) => {
                 inner.restarts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(target: LISTENER, listener, aborted, unread, "listener replaced");
+                tracing::warn!(target: LISTENER, listener, unread, "listener replaced");
                 task = next;
+                started = tokio::time::Instant::now();
             }
             Err(error) => {
                 tracing::error!(target: LISTENER, listener, %error, "cannot start a listener to replace the one that ended");
+                close_after_failure(&transport, counters, &settings);
                 return DrainReport {
                     drained: 0,
                     aborted,

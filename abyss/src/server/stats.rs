@@ -285,17 +285,28 @@ impl Counters {
         }
     }
 
+    /// Stops asking `transport` for its kernel drops, without asking it
+    /// once more (it failed).
+    pub(crate) fn forget(&self, transport: &std::sync::Arc<dyn crate::transport::Transport>) {
+        let mut slot = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        let this = std::sync::Arc::downgrade(transport);
+        if slot.as_ref().is_some_and(|attached| attached.ptr_eq(&this)) {
+            *slot = None;
+        }
+    }
+
     /// Kernel drops so far: closed sockets' plus the open one's.
     fn kernel_drops_now(&self) -> Option<u64> {
-        let live = self
-            .transport
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        // Under the lock that `detach` takes: a socket's count is in `past`
+        // or read live, never both.
+        let slot = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        let live = slot
             .as_ref()
             .and_then(std::sync::Weak::upgrade)
             .and_then(|t| t.kernel_drops());
         let known = self.kernel_drops_known.load(Ordering::Relaxed);
         let past = self.kernel_drops.load(Ordering::Relaxed);
+        drop(slot);
         match (live, known) {
             (Some(live), _) => Some(past + live),
             (None, true) => Some(past),

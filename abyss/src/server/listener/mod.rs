@@ -492,9 +492,18 @@ pub(crate) fn close_after_failure(
     counters: &Counters,
     settings: &Settings,
 ) -> u64 {
-    let _ = transport.stop_receiving();
-    let mut receiver = Receiver::new(&**transport, settings.max_datagram_size, settings.index > 0);
-    close(&mut receiver, transport, counters)
+    // The transport may be what failed: a panic here ends nothing.
+    let closed = catch_unwind(AssertUnwindSafe(|| {
+        let _ = transport.stop_receiving();
+        let mut receiver =
+            Receiver::new(&**transport, settings.max_datagram_size, settings.index > 0);
+        close(&mut receiver, transport, counters)
+    }));
+    closed.unwrap_or_else(|panic| {
+        tracing::error!(target: LISTENER, listener = settings.index, panic = panic_message(&*panic), "closing a failed listener's socket panicked");
+        counters.forget(transport);
+        0
+    })
 }
 
 #[cfg(test)]

@@ -30,8 +30,10 @@ const GSO_BUFFER: usize = 256 * 1024;
 const SEGMENT_V4: usize = 1500 - 20 - 8;
 const SEGMENT_V6: usize = 1500 - 40 - 8;
 /// Linux's `errno` values for a device that cannot segment, and for a
-/// segment longer than the path carries (GSO is Linux-only).
+/// segment longer than the path carries (`EMSGSIZE`; kernels before the
+/// 2025 stable updates say `EINVAL`). GSO is Linux-only.
 const EIO: i32 = 5;
+const EINVAL: i32 = 22;
 const EMSGSIZE: i32 = 90;
 
 /// A reply waiting for the socket.
@@ -196,15 +198,15 @@ impl Outbox {
         let front = &self.queue[0];
         let size = front.payload.len();
         match error.raw_os_error() {
-            // The device cannot segment (no checksum offload): GSO is of no
-            // use on this socket.
+            // The device cannot segment (no checksum offload), or the route
+            // goes through IPsec: GSO is of no use on this socket.
             Some(EIO) => {
                 tracing::info!(target: LISTENER, listener = index, %error, "GSO refused by the device; sending datagrams one by one from now on");
                 self.transmit_segments = 1;
             }
             // The segment is larger than the path carries unfragmented:
             // keep runs below it for this address family.
-            Some(EMSGSIZE) => {
+            Some(EMSGSIZE | EINVAL) => {
                 let cap = if is_v4(front.destination) {
                     &mut self.segment_v4
                 } else {
