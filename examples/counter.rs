@@ -51,8 +51,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .serve(sessions.service())
         .await?;
     println!("listening on {}", handle.local_addr());
-    abyss_examples::shutdown_signal().await;
-    handle.shutdown().await;
-    println!("{}", abyss_examples::stats_line(&handle.stats()));
+    let report = handle.shutdown_on(abyss::shutdown_signal()).await;
+    println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

@@ -57,15 +57,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Duration::from_millis(args.timeout_ms),
     ));
     let handle = Server::bind(args.bind)
-        .concurrency_limit(args.max_outstanding)
+        .concurrency_shed(args.max_outstanding)
         .serve(service(forwarder))
         .await?;
     println!(
         "listening on {} forwarding to {upstream}",
         handle.local_addr()
     );
-    abyss_examples::shutdown_signal().await;
-    handle.shutdown().await;
-    println!("{}", abyss_examples::stats_line(&handle.stats()));
+    let report = handle.shutdown_on(abyss::shutdown_signal()).await;
+    println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

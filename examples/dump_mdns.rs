@@ -66,8 +66,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Ok(handle) => println!("listening on {} (ff02::fb)", handle.local_addr()),
         Err(error) => tracing::warn!(%error, "no IPv6 mDNS"),
     }
-    abyss_examples::shutdown_signal().await;
-    v4.shutdown().await;
+    v4.shutdown_on(abyss::shutdown_signal()).await;
     if let Ok(v6) = v6 {
         v6.shutdown().await;
     }

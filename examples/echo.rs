@@ -51,7 +51,7 @@ struct Args {
     timeout_ms: Option<u64>,
     /// Drop datagrams that arrive while this many are being handled.
     #[arg(long)]
-    concurrency_limit: Option<usize>,
+    concurrency_shed: Option<usize>,
     /// Handle each datagram in a tracing span (shown with RUST_LOG=abyss=debug).
     #[arg(long)]
     trace: bool,
@@ -67,7 +67,7 @@ struct Args {
     #[arg(long)]
     current_thread: bool,
     /// Serve with no middleware at all (not even the packet-size limit).
-    #[arg(long, conflicts_with_all = ["rate_limit", "timeout_ms", "concurrency_limit", "trace"])]
+    #[arg(long, conflicts_with_all = ["rate_limit", "timeout_ms", "concurrency_shed", "trace"])]
     no_layers: bool,
 }
 
@@ -96,9 +96,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         abyss_examples::install_prometheus(addr)?;
         eprintln!("metrics on http://{addr}/metrics");
     }
-    let mut builder = Server::builder()
-        .address(args.bind)
-        .port(args.port)
+    let mut builder = Server::bind((args.bind, args.port))
         .max_in_flight(args.max_in_flight)
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .max_packet_size(args.max_packet_size);
@@ -115,8 +113,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(ms) = args.timeout_ms {
         builder = builder.timeout(Duration::from_millis(ms));
     }
-    if let Some(max) = args.concurrency_limit {
-        builder = builder.concurrency_limit(max);
+    if let Some(max) = args.concurrency_shed {
+        builder = builder.concurrency_shed(max);
     }
     if args.no_layers {
         builder = builder.without_packet_size_limit();
@@ -132,13 +130,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let handle = builder.serve(echo).await?;
     println!("listening on {}", handle.local_addr());
 
-    abyss_examples::shutdown_signal().await;
-    let report = handle.shutdown().await;
-    println!(
-        "{} drained={} aborted={}",
-        abyss_examples::stats_line(&handle.stats()),
-        report.drained,
-        report.aborted
-    );
+    let report = handle.shutdown_on(abyss::shutdown_signal()).await;
+    println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

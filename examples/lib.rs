@@ -21,34 +21,6 @@ pub fn init_tracing() {
         .init();
 }
 
-/// Resolves on Ctrl-C (SIGINT) or, on unix, SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
-}
-
 /// The server's counters on one line, every drop reason by name.
 ///
 /// ```
@@ -99,6 +71,18 @@ pub fn stats_line(stats: &Stats) -> String {
         let _ = write!(line, " listener_restarts={}", stats.listener_restarts);
     }
     line
+}
+
+/// The line a program prints when it stops: its counters and what the
+/// drain did with the requests in flight.
+///
+/// ```
+/// let line = abyss_examples::summary(&abyss::Stats::default(), &abyss::DrainReport::default());
+/// assert!(line.ends_with("drained=0"));
+/// ```
+pub fn summary(stats: &Stats, report: &abyss::DrainReport) -> String {
+    // `aborted` is among the drop reasons already.
+    format!("{} drained={}", stats_line(stats), report.drained)
 }
 
 /// Turns a program's result into its exit status, printing the error (with

@@ -98,12 +98,12 @@ fn answering_a_datagram_through_the_full_stack_allocates_nothing() {
         .build()
         .unwrap();
     let handle = runtime.block_on(async {
-        Server::bind("127.0.0.1:0".parse().unwrap())
+        Server::bind("127.0.0.1:0")
             .listeners(1)
             .trace(true)
             .max_packet_size(512)
             .rate_limit(RateQuota::per_second(1_000_000))
-            .concurrency_limit(1024)
+            .concurrency_shed(1024)
             .timeout(Duration::from_secs(5))
             .serve(echo())
             .await

@@ -153,7 +153,7 @@ async fn dig_through_the_forwarder_gets_the_record_nsd_serves() {
         .unwrap();
 
     let forwarder = Arc::new(Forwarder::new(nsd.addr, Duration::from_secs(2)));
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .serve(service(forwarder))
         .await
@@ -179,7 +179,7 @@ async fn a_malformed_query_gets_formerr_and_a_headless_one_nothing() {
         "127.0.0.1:9".parse().unwrap(),
         Duration::from_millis(100),
     ));
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .serve(service(forwarder))
         .await
@@ -218,7 +218,7 @@ async fn an_upstream_that_does_not_answer_gives_servfail() {
         silent.local_addr().unwrap(),
         Duration::from_millis(200),
     ));
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .serve(service(forwarder))
         .await
@@ -255,7 +255,7 @@ async fn spoofed_and_mismatched_upstream_replies_are_ignored() {
         upstream.local_addr().unwrap(),
         Duration::from_secs(5),
     ));
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .serve(service(forwarder))
         .await
@@ -393,7 +393,7 @@ async fn the_resolver_walks_root_test_and_example_test_served_by_three_nsd() {
         port,
         Duration::from_secs(2),
     ));
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .serve(service(resolver))
         .await

@@ -28,7 +28,7 @@ async fn counters_gauge_and_histogram_are_scraped_from_prometheus() {
     drop(exporter);
     abyss_examples::install_prometheus(metrics_addr).unwrap();
 
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .max_packet_size(100)
         .serve(echo())

@@ -49,7 +49,7 @@ async fn burst(handle: &ServerHandle, socket: &UdpSocket, count: usize) -> usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_over_its_rate_limit_is_cut_off_while_another_is_still_answered() {
-    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+    let handle = Server::bind("0.0.0.0:0")
         .listeners(2)
         .rate_limit(RateQuota::new(1, Duration::from_secs(600)).with_burst(10))
         .serve(echo())
@@ -171,7 +171,7 @@ fn reporting(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn towers_own_middleware_wraps_a_handler_served_by_abyss() {
     let (started_tx, mut started) = mpsc::unbounded_channel();
-    // Buffer, then LoadShed over ConcurrencyLimit (drop when two are in
+    // Buffer, then LoadShed over ConcurrencyShed (drop when two are in
     // flight), then Timeout, all boxed into one cloneable service.
     let stack = ServiceBuilder::new()
         .buffer(64)
@@ -266,8 +266,8 @@ async fn invalid_middleware_options_are_named() {
             "max_packet_size",
         ),
         (
-            Server::bind(loopback()).concurrency_limit(0),
-            "concurrency_limit",
+            Server::bind(loopback()).concurrency_shed(0),
+            "concurrency_shed",
         ),
         (Server::bind(loopback()).timeout(Duration::ZERO), "timeout"),
         (
@@ -282,11 +282,11 @@ async fn invalid_middleware_options_are_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_concurrency_limit_option_sheds_instead_of_queueing() {
+async fn the_concurrency_shed_option_sheds_instead_of_queueing() {
     let (started_tx, mut started) = mpsc::unbounded_channel();
     let handle = Server::bind(loopback())
         .listeners(1)
-        .concurrency_limit(1)
+        .concurrency_shed(1)
         .timeout(TIMEOUT)
         .serve(tower::service_fn(reporting(started_tx)))
         .await
@@ -322,7 +322,7 @@ async fn the_server_counts_denied_peers_and_amplified_replies_under_their_reason
                 .validated_by(|peer: SocketAddr| peer.ip().to_string() == "127.0.0.2"),
         )
         .service(amplifier);
-    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+    let handle = Server::bind("0.0.0.0:0")
         .listeners(1)
         .serve(stack)
         .await

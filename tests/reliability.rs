@@ -322,7 +322,7 @@ async fn a_flood_from_65000_spoofed_sources_keeps_tables_and_memory_bounded() {
         .max_tracked_peers(10_000)
         .build()
         .unwrap();
-    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+    let handle = Server::bind("0.0.0.0:0")
         .listeners(2)
         .rate_limiter(limiter.clone())
         .serve(sessions.service())

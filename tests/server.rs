@@ -59,7 +59,7 @@ async fn ipv6_loopback_is_served() {
         return;
     };
     drop(probe);
-    let handle = Server::bind("[::1]:0".parse().unwrap())
+    let handle = Server::bind("[::1]:0")
         .listeners(1)
         .serve(echo())
         .await
@@ -79,7 +79,7 @@ async fn a_dual_stack_server_answers_ipv4_and_ipv6_peers() {
         eprintln!("skipped: this machine has no IPv6 loopback (::1)");
         return;
     }
-    let handle = Server::bind("[::]:0".parse().unwrap())
+    let handle = Server::bind("[::]:0")
         .listeners(1)
         .udp_options(UdpOptions::new().only_v6(false))
         .serve(echo())
@@ -352,7 +352,7 @@ async fn a_datagram_larger_than_the_receive_buffer_is_dropped_and_counted_as_tru
 
 #[tokio::test]
 async fn a_server_on_the_wildcard_address_answers_from_the_address_it_was_asked_on() {
-    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+    let handle = Server::bind("0.0.0.0:0")
         .listeners(1)
         .serve(service_fn(|request: Request| async move {
             // Tell the peer which local address the request came to.
@@ -695,7 +695,7 @@ async fn an_empty_reply_behind_a_reply_to_the_same_peer_is_sent_too() {
 
 #[tokio::test]
 async fn a_datagram_to_the_loopback_broadcast_address_is_answered_from_the_host() {
-    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+    let handle = Server::bind("0.0.0.0:0")
         .listeners(1)
         .serve(echo())
         .await
@@ -720,7 +720,7 @@ async fn a_datagram_to_the_loopback_broadcast_address_is_answered_from_the_host(
 #[tokio::test]
 async fn a_broadcast_datagram_is_handled_once_whatever_the_number_of_listeners() {
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let handle = Server::bind("0.0.0.0:0".parse().unwrap())
+    let handle = Server::bind("0.0.0.0:0")
         .listeners(3)
         .serve(service_fn({
             let calls = calls.clone();

@@ -39,7 +39,7 @@ async fn a_served_datagram_emits_listener_and_connection_events() {
     // The runtime has one thread, so the listener's task reports here too.
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .serve(echo())
         .await
@@ -126,7 +126,7 @@ async fn every_datagram_whose_handling_starts_ends_with_exactly_one_stop() {
     let subscriber = tracing_subscriber::registry().with(stops.clone());
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .max_packet_size(100)
         .serve(tower::service_fn(|request: abyss::Request| async move {

@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use abyss_middleware::{
-    ConcurrencyLimitLayer, Datagram, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
+    ConcurrencyShedLayer, Datagram, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use tower::{Layer, Service, ServiceBuilder};
@@ -130,7 +130,7 @@ fn layers(c: &mut Criterion) {
     bench(
         c,
         "concurrency limit",
-        ConcurrencyLimitLayer::new(16_384).layer(Answer),
+        ConcurrencyShedLayer::new(16_384).layer(Answer),
         &one_peer,
     );
     bench(
@@ -151,7 +151,7 @@ fn layers(c: &mut Criterion) {
         .layer(TraceLayer::new())
         .layer(SizeLimitLayer::new(8192))
         .layer(limiter.layer())
-        .layer(ConcurrencyLimitLayer::new(16_384))
+        .layer(ConcurrencyShedLayer::new(16_384))
         .timeout(Duration::from_secs(5))
         .service(Answer);
     bench(c, "full stack, 4096 peers", full, &many_peers);

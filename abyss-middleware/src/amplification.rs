@@ -22,12 +22,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
 use crate::targets::LISTENER;
-use crate::{Datagram, DropReason};
+use crate::{Datagram, DropReason, IntoReply};
 
 /// Decides whether a peer has proven it owns its address.
 pub trait Validate: Send + Sync + 'static {
@@ -38,42 +37,6 @@ pub trait Validate: Send + Sync + 'static {
 impl<F: Fn(SocketAddr) -> bool + Send + Sync + 'static> Validate for F {
     fn is_validated(&self, peer: SocketAddr) -> bool {
         self(peer)
-    }
-}
-
-/// Responses whose size the guard can measure.
-pub trait ReplySize {
-    /// Bytes that would be sent; 0 for no reply.
-    fn reply_size(&self) -> usize;
-}
-
-impl ReplySize for Option<Bytes> {
-    fn reply_size(&self) -> usize {
-        self.as_ref().map_or(0, Bytes::len)
-    }
-}
-
-impl ReplySize for Bytes {
-    fn reply_size(&self) -> usize {
-        self.len()
-    }
-}
-
-impl ReplySize for Vec<u8> {
-    fn reply_size(&self) -> usize {
-        self.len()
-    }
-}
-
-impl ReplySize for Option<Vec<u8>> {
-    fn reply_size(&self) -> usize {
-        self.as_ref().map_or(0, Vec::len)
-    }
-}
-
-impl ReplySize for () {
-    fn reply_size(&self) -> usize {
-        0
     }
 }
 
@@ -168,7 +131,7 @@ impl<S: fmt::Debug> fmt::Debug for AmplificationGuard<S> {
 impl<S, R> Service<R> for AmplificationGuard<S>
 where
     S: Service<R>,
-    S::Response: ReplySize,
+    S::Response: IntoReply,
     S::Error: Into<BoxError>,
     R: Datagram,
 {
@@ -206,7 +169,7 @@ pin_project! {
 impl<F, T, E> Future for GuardFuture<F>
 where
     F: Future<Output = Result<T, E>>,
-    T: ReplySize,
+    T: IntoReply,
     E: Into<BoxError>,
 {
     type Output = Result<T, BoxError>;
@@ -215,7 +178,7 @@ where
         let this = self.project();
         let response = ready!(this.inner.poll(cx)).map_err(Into::into)?;
         if let Some(limit) = *this.limit {
-            let size = response.reply_size();
+            let size = response.reply_len();
             if size > limit {
                 tracing::debug!(target: LISTENER, peer = %this.peer, size, limit, "amplification_limited");
                 return Poll::Ready(Err(DropReason::Amplification.into_error()));

@@ -2,14 +2,14 @@
 //!
 //! Every layer works standalone with [`tower::ServiceBuilder`]; the Abyss
 //! server's builder options (`max_packet_size`, `rate_limit`, `timeout`,
-//! `concurrency_limit`, `trace`) are shortcuts that stack these same layers.
+//! `concurrency_shed`, `trace`) are shortcuts that stack these same layers.
 //!
 //! | layer | drops with | counted by the server as |
 //! | --- | --- | --- |
 //! | [`SizeLimitLayer`] | payload over N bytes | `too_large` |
 //! | [`PeerRateLimitLayer`] | peer over its GCRA quota | `rate_limited` |
 //! | tower's [`TimeoutLayer`](tower::timeout::TimeoutLayer) | handling took too long | `timed_out` |
-//! | [`ConcurrencyLimitLayer`] | N requests already in flight | `overloaded` |
+//! | [`ConcurrencyShedLayer`] | N requests already in flight | `overloaded` |
 //! | [`TraceLayer`] | (never drops) a span per datagram | |
 //! | [`IpFilterLayer`] | peer outside the allow list or inside the deny list | `denied` |
 //! | [`AmplificationGuardLayer`] | reply over k times the request to an unvalidated peer | `amplification` |
@@ -30,7 +30,7 @@
 //! ```
 //! use std::time::Duration;
 //! use abyss_middleware::{
-//!     ConcurrencyLimitLayer, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
+//!     ConcurrencyShedLayer, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
 //! };
 //! use tower::ServiceBuilder;
 //! # use std::net::SocketAddr;
@@ -47,7 +47,7 @@
 //!     .layer(TraceLayer::new())
 //!     .layer(SizeLimitLayer::new(1232))
 //!     .layer(limiter.layer())
-//!     .layer(ConcurrencyLimitLayer::new(1024))
+//!     .layer(ConcurrencyShedLayer::new(1024))
 //!     .timeout(Duration::from_secs(2))
 //!     .service_fn(|_request: Req| async { Ok::<_, std::convert::Infallible>(()) });
 //! # let _ = service;
@@ -61,6 +61,7 @@ mod drop;
 pub mod error;
 pub mod filter;
 pub mod rate_limit;
+mod reply;
 pub mod size_limit;
 pub mod trace;
 
@@ -68,7 +69,7 @@ mod datagram;
 mod future;
 
 pub use amplification::{AmplificationGuardLayer, Validate};
-pub use concurrency::ConcurrencyLimitLayer;
+pub use concurrency::ConcurrencyShedLayer;
 pub use datagram::Datagram;
 pub use drop::{DropReason, Dropped, drop_reason};
 pub use filter::{IpFilter, IpFilterLayer};
@@ -77,6 +78,7 @@ pub use rate_limit::{
     PeerRateLimitLayer, PeerRateLimiter, PeerRateLimiterBuilder, RateLimitError, RateLimitStats,
     RateQuota,
 };
+pub use reply::IntoReply;
 pub use size_limit::SizeLimitLayer;
 pub use trace::TraceLayer;
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use abyss_middleware::{
-    ConcurrencyLimitLayer, Datagram, DropReason, PeerRateLimiter, RateQuota, SizeLimitLayer,
+    ConcurrencyShedLayer, Datagram, DropReason, PeerRateLimiter, RateQuota, SizeLimitLayer,
     drop_reason,
 };
 use tokio_test_shim::assert_ready_ok;
@@ -275,7 +275,7 @@ async fn a_custom_key_function_decides_who_is_one_peer() {
 #[tokio::test]
 async fn the_concurrency_limit_drops_instead_of_waiting_and_frees_slots_on_completion() {
     let (mut service, mut handle) =
-        mock::spawn_layer::<Packet, &str, _>(ConcurrencyLimitLayer::new(2));
+        mock::spawn_layer::<Packet, &str, _>(ConcurrencyShedLayer::new(2));
 
     assert_ready_ok!(service.poll_ready());
     let first = service.call(Packet::from("192.0.2.1:1", 1));

@@ -111,7 +111,7 @@ fn bench(c: &mut Criterion, name: &str, builder: impl Fn(abyss::Builder) -> abys
         let echo =
             tower::service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
         builder(
-            Server::bind("10.0.0.53:53".parse().unwrap())
+            Server::bind("10.0.0.53:53")
                 .listeners(1)
                 .transport(Once(shared.clone())),
         )
@@ -149,7 +149,7 @@ fn driver(c: &mut Criterion) {
         b.trace(true)
             .max_packet_size(8192)
             .rate_limit(RateQuota::per_second(1_000_000_000))
-            .concurrency_limit(16_384)
+            .concurrency_shed(16_384)
             .timeout(Duration::from_secs(5))
     });
 }

@@ -13,7 +13,7 @@
 //! let echo = tower::service_fn(|r: Request| async move {
 //!     Ok::<_, std::convert::Infallible>(r.into_payload())
 //! });
-//! let handle = Server::bind("127.0.0.1:0".parse()?).serve(echo).await?;
+//! let handle = Server::bind("127.0.0.1:0").serve(echo).await?;
 //!
 //! let reply = abyss::client::send_recv(handle.local_addr(), b"ping", Duration::from_secs(5)).await?;
 //! assert_eq!(reply, "ping");

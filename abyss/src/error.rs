@@ -12,7 +12,7 @@ use crate::transport::OptionsError;
 /// # Example
 ///
 /// ```
-/// let error = abyss::Server::builder().listeners(0).build().unwrap_err();
+/// let error = abyss::Server::bind("127.0.0.1:0").listeners(0).build().unwrap_err();
 /// assert_eq!(error.field(), Some("listeners"));
 /// ```
 #[derive(Debug, thiserror::Error)]
@@ -39,11 +39,11 @@ pub enum Error {
         source: io::Error,
     },
     /// The call does not fit the server's state (resuming a server that is
-    /// not suspended, or one that was shut down).
+    /// not suspended, suspending one that was shut down).
     #[error("the server is {state}")]
     State {
         /// The state the server is in.
-        state: &'static str,
+        state: crate::ServerState,
     },
 }
 

@@ -3,18 +3,19 @@
 
 pub mod client;
 mod error;
-mod reply;
 mod request;
 mod server;
 pub mod session;
+mod signal;
 
+pub use abyss_middleware::IntoReply;
 pub use error::Error;
-pub use reply::IntoReply;
 pub use request::{Request, SendHandle};
 pub use server::{
     Builder, DEFAULT_MAX_DATAGRAM_SIZE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PACKET_SIZE,
-    DEFAULT_PORT, DEFAULT_SHUTDOWN_TIMEOUT, DrainReport, Drops, Server, ServerHandle, Stats,
+    DEFAULT_SHUTDOWN_TIMEOUT, DrainReport, Drops, Server, ServerHandle, ServerState, Stats,
 };
+pub use signal::shutdown_signal;
 
 /// The transport layer: the [`Transport`](transport::Transport) trait, UDP
 /// sockets and their options (re-export of `abyss-transport`).

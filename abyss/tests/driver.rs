@@ -86,7 +86,7 @@ where
     S::Future: Send + 'static,
 {
     builder
-        .bind(SERVER.parse().unwrap())
+        .bind(SERVER)
         .transport(net.clone())
         .serve(service)
         .await
@@ -96,7 +96,7 @@ where
 /// An echo server with `builder`'s options on the transports `bind` opens.
 async fn echo_on(bind: impl abyss::transport::Bind, builder: abyss::Builder) -> ServerHandle {
     builder
-        .bind(SERVER.parse().unwrap())
+        .bind(SERVER)
         .transport(bind)
         .serve(service_fn(|r: Request| async move {
             Ok::<_, Infallible>(r.into_payload())
@@ -777,7 +777,7 @@ impl abyss::transport::Bind for PanickyNetwork {
 async fn a_listener_that_dies_is_replaced_and_what_it_held_is_counted() {
     let net = MemoryNetwork::new();
     let gate = Arc::new(Semaphore::new(0));
-    let handle = Server::bind(SERVER.parse().unwrap())
+    let handle = Server::bind(SERVER)
         .listeners(1)
         .transport(PanickyNetwork {
             net: net.clone(),

@@ -401,7 +401,7 @@ async fn shutdown_calls_every_live_sessions_hook_after_its_queue() {
 #[tokio::test]
 async fn a_graceful_server_shutdown_ends_every_session_through_its_hook() {
     let h = harness(|b| b);
-    let handle = Server::bind("127.0.0.1:0".parse().unwrap())
+    let handle = Server::bind("127.0.0.1:0")
         .listeners(1)
         .on_shutdown({
             let sessions = h.sessions.clone();

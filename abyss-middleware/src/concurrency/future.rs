@@ -28,7 +28,7 @@ impl Drop for Permit {
 }
 
 pin_project! {
-    /// Response future of [`ConcurrencyLimit`](super::ConcurrencyLimit):
+    /// Response future of [`ConcurrencyShed`](super::ConcurrencyShed):
     /// holds the request's slot until it completes or is dropped.
     #[derive(Debug)]
     pub struct ResponseFuture<F> {

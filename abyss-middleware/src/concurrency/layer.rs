@@ -3,9 +3,9 @@ use std::sync::atomic::AtomicUsize;
 
 use tower::Layer;
 
-use super::ConcurrencyLimit;
+use super::ConcurrencyShed;
 
-/// Applies [`ConcurrencyLimit`]: at most `max` requests in flight, the rest
+/// Applies [`ConcurrencyShed`]: at most `max` requests in flight, the rest
 /// dropped; see the [module docs](super).
 ///
 /// Each service this layer wraps has its own counter, shared by that
@@ -15,30 +15,30 @@ use super::ConcurrencyLimit;
 /// # Example
 ///
 /// ```
-/// use abyss_middleware::ConcurrencyLimitLayer;
+/// use abyss_middleware::ConcurrencyShedLayer;
 /// use tower::ServiceBuilder;
 ///
 /// let service = ServiceBuilder::new()
-///     .layer(ConcurrencyLimitLayer::new(1024))
+///     .layer(ConcurrencyShedLayer::new(1024))
 ///     .service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
 /// assert_eq!(service.in_flight(), 0);
 /// ```
 #[derive(Debug, Clone, Copy)]
-pub struct ConcurrencyLimitLayer {
+pub struct ConcurrencyShedLayer {
     max: usize,
 }
 
-impl ConcurrencyLimitLayer {
+impl ConcurrencyShedLayer {
     /// At most `max` requests in flight.
     pub fn new(max: usize) -> Self {
         Self { max }
     }
 }
 
-impl<S> Layer<S> for ConcurrencyLimitLayer {
-    type Service = ConcurrencyLimit<S>;
+impl<S> Layer<S> for ConcurrencyShedLayer {
+    type Service = ConcurrencyShed<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ConcurrencyLimit::with_counter(inner, self.max, Arc::new(AtomicUsize::new(0)))
+        ConcurrencyShed::with_counter(inner, self.max, Arc::new(AtomicUsize::new(0)))
     }
 }

@@ -22,5 +22,5 @@ mod layer;
 mod service;
 
 pub use future::ResponseFuture;
-pub use layer::ConcurrencyLimitLayer;
-pub use service::ConcurrencyLimit;
+pub use layer::ConcurrencyShedLayer;
+pub use service::ConcurrencyShed;

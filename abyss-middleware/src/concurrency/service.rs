@@ -10,13 +10,13 @@ use super::future::{Permit, ResponseFuture};
 ///
 /// Generic over any request type. Clones share the counter.
 #[derive(Debug, Clone)]
-pub struct ConcurrencyLimit<S> {
+pub struct ConcurrencyShed<S> {
     inner: S,
     max: usize,
     in_flight: Arc<AtomicUsize>,
 }
 
-impl<S> ConcurrencyLimit<S> {
+impl<S> ConcurrencyShed<S> {
     /// Wraps `inner` with a limit of `max` requests in flight.
     pub fn new(inner: S, max: usize) -> Self {
         Self::with_counter(inner, max, Arc::new(AtomicUsize::new(0)))
@@ -41,7 +41,7 @@ impl<S> ConcurrencyLimit<S> {
     }
 }
 
-impl<S, R> Service<R> for ConcurrencyLimit<S>
+impl<S, R> Service<R> for ConcurrencyShed<S>
 where
     S: Service<R>,
     S::Error: Into<BoxError>,

@@ -1,4 +1,5 @@
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -43,8 +44,8 @@ impl std::ops::AddAssign for DrainReport {
     }
 }
 
-/// Controls a running server: its address, counters, graceful shutdown,
-/// suspend and resume.
+/// Controls a running server: its address, counters, state, graceful
+/// shutdown, suspend and resume.
 ///
 /// Cheap to clone; every clone controls the same server. Dropping the handles
 /// does not stop the server.
@@ -59,7 +60,7 @@ impl std::ops::AddAssign for DrainReport {
 /// # #[tokio::main]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
-/// let handle = Server::bind("127.0.0.1:0".parse()?).listeners(1).serve(echo).await?;
+/// let handle = Server::bind("127.0.0.1:0").listeners(1).serve(echo).await?;
 /// let port = handle.local_addr().port();
 ///
 /// handle.suspend().await?; // the port is closed now
@@ -72,6 +73,7 @@ impl std::ops::AddAssign for DrainReport {
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use = "the server runs until `shutdown`: keep the handle to stop it, or wait on `shutdown_on`"]
 pub struct ServerHandle {
     inner: Arc<Inner>,
 }
@@ -85,6 +87,8 @@ struct Inner {
     live: Arc<AtomicUsize>,
     /// Listeners replaced after they ended by surprise.
     restarts: Arc<AtomicU64>,
+    /// Where the server is in its life, for `state` and `stopped`.
+    state: Arc<tokio::sync::watch::Sender<ServerState>>,
     lifecycle: tokio::sync::Mutex<Lifecycle>,
 }
 
@@ -103,21 +107,33 @@ enum Phase {
 }
 
 impl Phase {
-    fn name(&self) -> &'static str {
+    fn state(&self) -> ServerState {
         match self {
-            Phase::Running(_) => "running",
-            Phase::Suspended => "suspended",
-            Phase::Stopped => "shut down",
+            Phase::Running(_) => ServerState::Serving,
+            Phase::Suspended => ServerState::Suspended,
+            Phase::Stopped => ServerState::Stopped,
         }
     }
 }
 
 impl Lifecycle {
     /// Starts stopping `listeners` in a task of its own, so that the caller
-    /// may stop waiting without leaving them half-stopped.
-    fn begin_stop(&mut self, listeners: Vec<Running>) {
+    /// may stop waiting without leaving them half-stopped; the server is
+    /// `Draining` until they have closed, then `then`.
+    fn begin_stop(
+        &mut self,
+        listeners: Vec<Running>,
+        state: &Arc<tokio::sync::watch::Sender<ServerState>>,
+        then: ServerState,
+    ) {
         debug_assert!(self.stopping.is_none());
-        self.stopping = Some(tokio::spawn(stop(listeners)));
+        state.send_replace(ServerState::Draining);
+        let state = state.clone();
+        self.stopping = Some(tokio::spawn(async move {
+            let report = stop(listeners).await;
+            state.send_replace(then);
+            report
+        }));
     }
 
     /// Waits until the listeners told to stop have closed. Cancel-safe: if
@@ -164,6 +180,7 @@ impl ServerHandle {
             counters,
             live: Arc::default(),
             restarts: Arc::default(),
+            state: Arc::new(tokio::sync::watch::Sender::new(ServerState::Serving)),
             lifecycle: tokio::sync::Mutex::new(Lifecycle {
                 phase: Phase::Stopped,
                 stopping: None,
@@ -227,8 +244,22 @@ impl ServerHandle {
     pub async fn shutdown(&self) -> DrainReport {
         let mut lifecycle = self.inner.lifecycle.lock().await;
         match std::mem::replace(&mut lifecycle.phase, Phase::Stopped) {
-            Phase::Running(listeners) => lifecycle.begin_stop(listeners),
-            Phase::Suspended => {}
+            Phase::Running(listeners) => {
+                lifecycle.begin_stop(listeners, &self.inner.state, ServerState::Stopped);
+            }
+            Phase::Suspended if lifecycle.stopping.is_none() => {
+                self.inner.state.send_replace(ServerState::Stopped);
+            }
+            // A suspend still draining: it ends in Stopped, not Suspended.
+            Phase::Suspended => {
+                let state = self.inner.state.clone();
+                let draining = lifecycle.stopping.take().expect("a stop is pending");
+                lifecycle.stopping = Some(tokio::spawn(async move {
+                    let report = draining.await.unwrap_or_default();
+                    state.send_replace(ServerState::Stopped);
+                    report
+                }));
+            }
             Phase::Stopped => return lifecycle.finish_stop().await,
         }
         let config = &self.inner.config;
@@ -257,13 +288,15 @@ impl ServerHandle {
         let mut lifecycle = self.inner.lifecycle.lock().await;
         match std::mem::replace(&mut lifecycle.phase, Phase::Suspended) {
             Phase::Running(listeners) => {
-                lifecycle.begin_stop(listeners);
+                lifecycle.begin_stop(listeners, &self.inner.state, ServerState::Suspended);
                 Ok(lifecycle.finish_stop().await)
             }
             Phase::Suspended => Ok(lifecycle.finish_stop().await),
             Phase::Stopped => {
                 lifecycle.phase = Phase::Stopped;
-                Err(Error::State { state: "shut down" })
+                Err(Error::State {
+                    state: ServerState::Stopped,
+                })
             }
         }
     }
@@ -276,7 +309,7 @@ impl ServerHandle {
         let mut lifecycle = self.inner.lifecycle.lock().await;
         if !matches!(lifecycle.phase, Phase::Suspended) {
             return Err(Error::State {
-                state: lifecycle.phase.name(),
+                state: lifecycle.phase.state(),
             });
         }
         // A suspend whose caller stopped waiting: its sockets close first.
@@ -292,7 +325,88 @@ impl ServerHandle {
             self.inner.open(configured)?
         };
         lifecycle.phase = Phase::Running(running);
+        self.inner.state.send_replace(ServerState::Serving);
         Ok(self.local_addr())
+    }
+
+    /// Where the server is in its life now.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), abyss::Error> {
+    /// use abyss::{Server, ServerState, service_fn};
+    /// let echo = service_fn(|r: abyss::Request| async move { Ok::<_, std::convert::Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").listeners(1).serve(echo).await?;
+    /// assert_eq!(handle.state(), ServerState::Serving);
+    /// handle.suspend().await?;
+    /// assert_eq!(handle.state(), ServerState::Suspended);
+    /// handle.shutdown().await;
+    /// assert_eq!(handle.state(), ServerState::Stopped);
+    /// # Ok(()) }
+    /// ```
+    pub fn state(&self) -> ServerState {
+        *self.inner.state.borrow()
+    }
+
+    /// Waits until the server is shut down, by whoever shuts it down, and
+    /// its listeners have closed.
+    pub async fn stopped(&self) {
+        let mut state = self.inner.state.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail.
+        let _ = state.wait_for(|s| *s == ServerState::Stopped).await;
+    }
+
+    /// Serves until `signal` completes, then shuts down gracefully (see
+    /// [`shutdown`](ServerHandle::shutdown)) and returns the report. Returns
+    /// an empty report at once if the server is shut down meanwhile by
+    /// other means.
+    ///
+    /// The usual signal is [`shutdown_signal`](crate::shutdown_signal)
+    /// (Ctrl-C or SIGTERM); any future works, such as a channel's receiver
+    /// or a timer.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), abyss::Error> {
+    /// use std::time::Duration;
+    /// let echo = abyss::service_fn(|r: abyss::Request| async move {
+    ///     Ok::<_, std::convert::Infallible>(r.into_payload())
+    /// });
+    /// let handle = abyss::Server::bind("127.0.0.1:0").serve(echo).await?;
+    /// // In a program: `handle.shutdown_on(abyss::shutdown_signal()).await`.
+    /// let report = handle.shutdown_on(tokio::time::sleep(Duration::from_millis(10))).await;
+    /// assert_eq!(report.aborted, 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown_on(&self, signal: impl Future<Output = ()>) -> DrainReport {
+        tokio::select! {
+            () = signal => self.shutdown().await,
+            () = self.stopped() => DrainReport::default(),
+        }
+    }
+}
+
+/// Where a server is in its life; see [`ServerHandle::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ServerState {
+    /// Listeners are reading and answering.
+    Serving,
+    /// A shutdown or suspend has begun: listeners have stopped reading and
+    /// finish what is in flight.
+    Draining,
+    /// The sockets are closed until [`ServerHandle::resume`].
+    Suspended,
+    /// Shut down for good.
+    Stopped,
+}
+
+impl fmt::Display for ServerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerState::Serving => "serving",
+            ServerState::Draining => "draining",
+            ServerState::Suspended => "suspended",
+            ServerState::Stopped => "shut down",
+        })
     }
 }
 

@@ -7,47 +7,54 @@ mod stats;
 
 use std::fmt;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tower::timeout::TimeoutLayer;
 use tower::{BoxError, Service, ServiceBuilder};
 
-pub use handle::{DrainReport, ServerHandle};
+pub use handle::{DrainReport, ServerHandle, ServerState};
 pub use stats::{Drops, Stats};
 
 use crate::middleware::{
-    ConcurrencyLimitLayer, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
+    ConcurrencyShedLayer, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
 };
 use crate::transport::{Bind, Transport, UdpOptions};
 use crate::{Error, IntoReply, Request};
 
-/// The original's default port.
-pub const DEFAULT_PORT: u16 = 4000;
-/// The original's `num_connections` default.
+/// Requests in flight at most, across listeners, by default: enough to
+/// ride out bursts with slow handlers, while bounding memory to about this
+/// many payloads (the Elixir original's `num_connections` default too).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16_384;
-/// The original's `shutdown_timeout` default.
+/// How long shutdown and suspend let requests in flight finish, by default:
+/// long enough for a slow handler, well within the stop timeout of service
+/// managers (systemd waits 90 s).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
-/// The largest UDP payload: every datagram fits.
+/// The receive buffer per datagram by default: the largest UDP payload, so
+/// the kernel truncates nothing.
 pub const DEFAULT_MAX_DATAGRAM_SIZE: usize = 65_535;
-/// The original's `max_packet_size` default.
+/// Payloads longer than this are dropped before the service by default:
+/// above what common protocols send in one datagram (DNS with EDNS 4096,
+/// DHCP, syslog, StatsD), below what a handler should have to parse from an
+/// unknown peer.
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 8192;
 
-/// Entry point: [`Server::builder`] (or [`Server::bind`]) configures a
-/// server, [`Builder::serve`] starts it.
+/// A UDP server: configure it with [`Server::bind`] (or [`Server::builder`]),
+/// then [`serve`](Builder::serve) a service.
+///
+/// [`Builder::build`] checks the configuration and gives a `Server`, which
+/// serves with [`Server::serve`]; [`Builder::serve`] does both.
 ///
 /// # Example
 ///
 /// ```
 /// use std::convert::Infallible;
-/// use abyss::{Request, Server};
-/// use bytes::Bytes;
-/// use tower::service_fn;
+/// use abyss::{Bytes, Request, Server, service_fn};
 ///
 /// # #[tokio::main]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let handle = Server::bind("127.0.0.1:0".parse()?)
+/// let handle = Server::bind("127.0.0.1:0")
 ///     .listeners(2)
 ///     .serve(service_fn(|request: Request| async move {
 ///         Ok::<_, Infallible>(Some(request.into_payload()))
@@ -65,24 +72,79 @@ pub const DEFAULT_MAX_PACKET_SIZE: usize = 8192;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
+#[must_use = "a server does nothing until `serve` is called"]
 pub struct Server {
-    _private: (),
+    config: Config,
 }
 
 impl Server {
-    /// A builder with the defaults: `0.0.0.0:4000`, one listener per
-    /// available core, 16 384 requests in flight, a 15 s shutdown timeout,
-    /// 65 535-byte receive buffers, payloads over 8192 bytes dropped, no
-    /// rate limit, timeout, concurrency limit or trace layer, UDP with
-    /// [`UdpOptions::new`].
+    /// A builder with no address yet (give one with [`Builder::bind`]) and
+    /// the defaults: one listener per available core, 16 384 requests in
+    /// flight, a 15 s shutdown timeout, 65 535-byte receive buffers,
+    /// payloads over 8192 bytes dropped, no rate limit, timeout,
+    /// concurrency shedding or trace layer, UDP with [`UdpOptions::new`].
     pub fn builder() -> Builder {
         Builder::new()
     }
 
-    /// A builder serving on `addr`.
-    pub fn bind(addr: SocketAddr) -> Builder {
+    /// A builder serving on `addr`: anything [`ToSocketAddrs`] takes, as
+    /// with [`std::net::UdpSocket::bind`] and tokio's (`"127.0.0.1:53"`,
+    /// `("::1", 53)`, a [`SocketAddr`]). A name is resolved now and its
+    /// first address used; one that does not resolve fails
+    /// [`build`](Builder::build) with the field `bind`.
+    ///
+    /// ```
+    /// let builder = abyss::Server::bind("127.0.0.1:5353");
+    /// let error = abyss::Server::bind("not an address").build().unwrap_err();
+    /// assert_eq!(error.field(), Some("bind"));
+    /// ```
+    pub fn bind(addr: impl ToSocketAddrs) -> Builder {
         Builder::new().bind(addr)
+    }
+
+    /// The address it will serve on.
+    pub fn addr(&self) -> SocketAddr {
+        self.config.addr
+    }
+
+    /// Opens the sockets and starts serving `service` on the current tokio
+    /// runtime; see [`Builder::serve`].
+    pub async fn serve<S>(self, service: S) -> Result<ServerHandle, Error>
+    where
+        S: Service<Request> + Clone + Send + 'static,
+        S::Response: IntoReply + Send + 'static,
+        S::Error: Into<BoxError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let config = self.config;
+        let layered = config.trace
+            || config.max_packet_size.is_some()
+            || config.rate_limiter.is_some()
+            || config.concurrency_shed.is_some()
+            || config.timeout.is_some();
+        let spawn = if layered {
+            // The options' layers, outermost first, exactly as a user would
+            // stack them by hand.
+            spawner(
+                ServiceBuilder::new()
+                    .option_layer(config.trace.then(TraceLayer::new))
+                    .option_layer(config.max_packet_size.map(SizeLimitLayer::new))
+                    .option_layer(config.rate_limiter.as_ref().map(PeerRateLimiter::layer))
+                    .option_layer(config.concurrency_shed.map(ConcurrencyShedLayer::new))
+                    .option_layer(config.timeout.map(TimeoutLayer::new))
+                    // Every layer fails with BoxError: make the service's
+                    // error one too, so that a layer that is off is the same
+                    // type as one on.
+                    .map_err(Into::<BoxError>::into)
+                    .service(service),
+            )
+        } else {
+            // No option layer: serve the service itself, without the
+            // future of every optional layer wrapped around it.
+            spawner(service)
+        };
+        ServerHandle::start(config, spawn)
     }
 }
 
@@ -94,7 +156,8 @@ impl Server {
 #[derive(Clone)]
 #[must_use = "a builder does nothing until `serve` is called"]
 pub struct Builder {
-    addr: SocketAddr,
+    /// Where to serve, once given: resolved, or why it could not be.
+    addr: Option<Result<SocketAddr, String>>,
     listeners: Option<usize>,
     max_in_flight: usize,
     shutdown_timeout: Duration,
@@ -115,7 +178,7 @@ struct LayerOptions {
     trace: bool,
     max_packet_size: Option<usize>,
     rate_limit: Option<RateLimitOption>,
-    concurrency_limit: Option<usize>,
+    concurrency_shed: Option<usize>,
     timeout: Option<Duration>,
 }
 
@@ -151,7 +214,7 @@ impl Builder {
     /// The defaults; see [`Server::builder`].
     pub fn new() -> Self {
         Self {
-            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT),
+            addr: None,
             listeners: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -162,31 +225,24 @@ impl Builder {
                 trace: false,
                 max_packet_size: Some(DEFAULT_MAX_PACKET_SIZE),
                 rate_limit: None,
-                concurrency_limit: None,
+                concurrency_shed: None,
                 timeout: None,
             },
             shutdown_hooks: Vec::new(),
         }
     }
 
-    /// The address and port to serve on.
-    pub fn bind(mut self, addr: SocketAddr) -> Self {
-        self.addr = addr;
-        self
-    }
-
-    /// The address to serve on, keeping the port (default `0.0.0.0`). Use
-    /// `::` with [`UdpOptions::only_v6`]`(false)` for dual-stack.
-    pub fn address(mut self, ip: IpAddr) -> Self {
-        self.addr.set_ip(ip);
-        self
-    }
-
-    /// The port to serve on (default 4000, the original's). 0 picks a free
-    /// port, shared by every listener; [`ServerHandle::local_addr`] tells
-    /// which.
-    pub fn port(mut self, port: u16) -> Self {
-        self.addr.set_port(port);
+    /// The address to serve on; see [`Server::bind`]. There is no default:
+    /// a library should not expose a service on every interface unless
+    /// asked to (`"0.0.0.0:53"`, `"[::]:53"`). Port 0 picks a free port,
+    /// shared by every listener; [`ServerHandle::local_addr`] tells which.
+    pub fn bind(mut self, addr: impl ToSocketAddrs) -> Self {
+        self.addr = Some(match addr.to_socket_addrs() {
+            Ok(mut addrs) => addrs
+                .next()
+                .ok_or_else(|| "the address resolved to nothing".to_owned()),
+            Err(error) => Err(format!("not an address: {error}")),
+        });
         self
     }
 
@@ -224,9 +280,17 @@ impl Builder {
         self
     }
 
-    /// The receive buffer per datagram, 1 to 65 535 bytes (default 65 535).
-    /// A longer datagram is cut short by the kernel: it is dropped and
-    /// counted as [`Drops::truncated`], never handed to the service.
+    /// The receive buffer per datagram, 1 to 65 535 bytes (default 65 535,
+    /// the largest UDP payload). A longer datagram is cut short by the
+    /// kernel: it is dropped and counted as [`Drops::truncated`], never
+    /// handed to the service.
+    ///
+    /// This is the size the server can *read*; [`max_packet_size`](Builder::max_packet_size)
+    /// is the size it is willing to *handle* (default 8192), a layer that
+    /// drops longer payloads as [`Drops::too_large`]. Keep the default here
+    /// unless memory is tight (each listener keeps up to 1 MiB of receive
+    /// buffers): a datagram between the two limits is then counted as
+    /// `too_large`, which says what to change, rather than `truncated`.
     pub fn max_datagram_size(mut self, bytes: usize) -> Self {
         self.max_datagram_size = bytes;
         self
@@ -246,9 +310,11 @@ impl Builder {
     }
 
     /// Drops datagrams longer than `bytes` before the service sees them
-    /// (the original's `max_packet_size`; default 8192), counted as
-    /// [`Drops::too_large`]. Shortcut for
-    /// [`SizeLimitLayer`](crate::middleware::SizeLimitLayer).
+    /// (default 8192, see [`DEFAULT_MAX_PACKET_SIZE`]), counted as
+    /// [`Drops::too_large`] and logged. Shortcut for
+    /// [`SizeLimitLayer`](crate::middleware::SizeLimitLayer). See
+    /// [`max_datagram_size`](Builder::max_datagram_size) for how the two
+    /// differ.
     pub fn max_packet_size(mut self, bytes: usize) -> Self {
         self.layers.max_packet_size = Some(bytes);
         self
@@ -280,25 +346,25 @@ impl Builder {
         self
     }
 
-    /// Fails requests that take longer than `timeout` to handle (the
-    /// original's `read_timeout`, applied to request handling): no reply,
+    /// Fails requests that take longer than `timeout` to handle: no reply,
     /// counted as [`Drops::timed_out`]. Shortcut for tower's
-    /// [`TimeoutLayer`](tower::timeout::TimeoutLayer). Off by default (the
-    /// original's 60 s default is not applied: a timer per request costs
-    /// time on every datagram).
+    /// [`TimeoutLayer`](tower::timeout::TimeoutLayer). Off by default: a
+    /// timer per request costs time on every datagram, and most handlers
+    /// answer at once.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.layers.timeout = Some(timeout);
         self
     }
 
-    /// Drops datagrams that arrive while `max` requests are being handled,
-    /// counted as [`Drops::overloaded`]. Unlike
+    /// Drops (sheds) datagrams that arrive while `max` requests are being
+    /// handled, counted as [`Drops::overloaded`]. Unlike
     /// [`max_in_flight`](Builder::max_in_flight), which stops reading and
-    /// lets the kernel queue, this keeps reading and sheds at once. Shortcut
-    /// for [`ConcurrencyLimitLayer`](crate::middleware::ConcurrencyLimitLayer).
+    /// lets the kernel queue, this keeps reading and sheds at once; unlike
+    /// tower's `ConcurrencyLimit`, it never waits. Shortcut for
+    /// [`ConcurrencyShedLayer`](crate::middleware::ConcurrencyShedLayer).
     /// Off by default.
-    pub fn concurrency_limit(mut self, max: usize) -> Self {
-        self.layers.concurrency_limit = Some(max);
+    pub fn concurrency_shed(mut self, max: usize) -> Self {
+        self.layers.concurrency_shed = Some(max);
         self
     }
 
@@ -326,12 +392,33 @@ impl Builder {
         self
     }
 
-    /// Checks the configuration.
+    /// Checks the configuration and gives the [`Server`] it describes,
+    /// ready to [`serve`](Server::serve). Fails with [`Error::Config`] or
+    /// [`Error::Options`] naming the option at fault.
+    ///
+    /// ```
+    /// let server = abyss::Server::bind("127.0.0.1:0").listeners(2).build()?;
+    /// assert_eq!(server.addr().ip().to_string(), "127.0.0.1");
+    ///
+    /// let error = abyss::Server::builder().build().unwrap_err();
+    /// assert_eq!(error.field(), Some("bind"));
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn build(self) -> Result<Server, Error> {
-        self.validate().map(|_| Server { _private: () })
+        self.validate().map(|config| Server { config })
     }
 
     fn validate(&self) -> Result<Config, Error> {
+        let addr = match &self.addr {
+            None => {
+                return Err(Error::config(
+                    "bind",
+                    "no address to serve on: give one, e.g. `bind(\"127.0.0.1:5353\")` (`0.0.0.0` or `[::]` for every interface)",
+                ));
+            }
+            Some(Err(reason)) => return Err(Error::config("bind", reason.clone())),
+            Some(Ok(addr)) => *addr,
+        };
         let listeners = self.listeners.unwrap_or_else(|| {
             if self.transport.is_none() && self.udp.receives_group_traffic() {
                 // Broadcast and multicast reach every socket: one suffices.
@@ -371,8 +458,8 @@ impl Builder {
         if self.layers.max_packet_size == Some(0) {
             return Err(Error::config("max_packet_size", "must be at least 1"));
         }
-        if self.layers.concurrency_limit == Some(0) {
-            return Err(Error::config("concurrency_limit", "must be at least 1"));
+        if self.layers.concurrency_shed == Some(0) {
+            return Err(Error::config("concurrency_shed", "must be at least 1"));
         }
         if self.layers.timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::config("timeout", "must be longer than zero"));
@@ -386,7 +473,7 @@ impl Builder {
             ),
         };
         Ok(Config {
-            addr: self.addr,
+            addr,
             listeners,
             max_in_flight: self.max_in_flight,
             shutdown_timeout: self.shutdown_timeout,
@@ -395,7 +482,7 @@ impl Builder {
             rate_limiter,
             trace: self.layers.trace,
             max_packet_size: self.layers.max_packet_size,
-            concurrency_limit: self.layers.concurrency_limit,
+            concurrency_shed: self.layers.concurrency_shed,
             timeout: self.layers.timeout,
             shutdown_hooks: self.shutdown_hooks.clone(),
         })
@@ -411,8 +498,8 @@ impl Builder {
     /// layer ([`middleware::Dropped`](crate::middleware::Dropped), tower's
     /// `Elapsed` and `Overloaded`) are counted under their reason instead.
     ///
-    /// The server runs until [`ServerHandle::shutdown`]; dropping the handle
-    /// does not stop it.
+    /// The server runs until [`ServerHandle::shutdown`] (or
+    /// [`ServerHandle::shutdown_on`]); dropping the handle does not stop it.
     pub async fn serve<S>(self, service: S) -> Result<ServerHandle, Error>
     where
         S: Service<Request> + Clone + Send + 'static,
@@ -420,34 +507,7 @@ impl Builder {
         S::Error: Into<BoxError> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let config = self.validate()?;
-        let layered = config.trace
-            || config.max_packet_size.is_some()
-            || config.rate_limiter.is_some()
-            || config.concurrency_limit.is_some()
-            || config.timeout.is_some();
-        let spawn = if layered {
-            // The options' layers, outermost first, exactly as a user would
-            // stack them by hand.
-            spawner(
-                ServiceBuilder::new()
-                    .option_layer(config.trace.then(TraceLayer::new))
-                    .option_layer(config.max_packet_size.map(SizeLimitLayer::new))
-                    .option_layer(config.rate_limiter.as_ref().map(PeerRateLimiter::layer))
-                    .option_layer(config.concurrency_limit.map(ConcurrencyLimitLayer::new))
-                    .option_layer(config.timeout.map(TimeoutLayer::new))
-                    // Every layer fails with BoxError: make the service's
-                    // error one too, so that a layer that is off is the same
-                    // type as one on.
-                    .map_err(Into::<BoxError>::into)
-                    .service(service),
-            )
-        } else {
-            // No option layer: serve the service itself, without the
-            // future of every optional layer wrapped around it.
-            spawner(service)
-        };
-        ServerHandle::start(config, spawn)
+        self.build()?.serve(service).await
     }
 }
 
@@ -484,7 +544,7 @@ pub(crate) struct Config {
     pub(crate) rate_limiter: Option<PeerRateLimiter>,
     trace: bool,
     max_packet_size: Option<usize>,
-    concurrency_limit: Option<usize>,
+    concurrency_shed: Option<usize>,
     timeout: Option<Duration>,
     pub(crate) shutdown_hooks: Vec<ShutdownHook>,
 }

@@ -24,6 +24,10 @@ use crate::middleware::DropReason;
 pub struct Stats {
     /// Datagrams taken from the sockets.
     pub received: u64,
+    /// Payload bytes of the datagrams taken from the sockets.
+    pub bytes_received: u64,
+    /// Payload bytes of the replies the kernel took.
+    pub bytes_sent: u64,
     /// Replies sent to peers.
     pub replied: u64,
     /// Datagrams the service handled and chose not to answer.
@@ -56,6 +60,60 @@ pub struct Stats {
     /// Listeners that ended by surprise (a panic outside the service) and
     /// were replaced by a new one on a new socket in the same group.
     pub listener_restarts: u64,
+}
+
+impl Stats {
+    /// What happened between `earlier` and this snapshot: every counter
+    /// less its value in `earlier` (`in_flight` stays as it is now).
+    /// Counters only grow, so per-interval figures need no reset.
+    ///
+    /// ```
+    /// let earlier = abyss::Stats::default();
+    /// let mut now = abyss::Stats::default();
+    /// now.received = 10;
+    /// now.replied = 9;
+    /// now.in_flight = 1;
+    /// let delta = now.since(&earlier);
+    /// assert_eq!((delta.received, delta.replied, delta.in_flight), (10, 9, 1));
+    /// ```
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        let d = &self.dropped;
+        let e = &earlier.dropped;
+        Stats {
+            received: self.received.saturating_sub(earlier.received),
+            bytes_received: self.bytes_received.saturating_sub(earlier.bytes_received),
+            bytes_sent: self.bytes_sent.saturating_sub(earlier.bytes_sent),
+            replied: self.replied.saturating_sub(earlier.replied),
+            no_reply: self.no_reply.saturating_sub(earlier.no_reply),
+            dropped: Drops {
+                truncated: d.truncated.saturating_sub(e.truncated),
+                handler_error: d.handler_error.saturating_sub(e.handler_error),
+                panicked: d.panicked.saturating_sub(e.panicked),
+                refused_destination: d.refused_destination.saturating_sub(e.refused_destination),
+                send_failed: d.send_failed.saturating_sub(e.send_failed),
+                aborted: d.aborted.saturating_sub(e.aborted),
+                too_large: d.too_large.saturating_sub(e.too_large),
+                rate_limited: d.rate_limited.saturating_sub(e.rate_limited),
+                timed_out: d.timed_out.saturating_sub(e.timed_out),
+                overloaded: d.overloaded.saturating_sub(e.overloaded),
+                denied: d.denied.saturating_sub(e.denied),
+                amplification: d.amplification.saturating_sub(e.amplification),
+            },
+            in_flight: self.in_flight,
+            receive_errors: self.receive_errors.saturating_sub(earlier.receive_errors),
+            reads_paused: self.reads_paused.saturating_sub(earlier.reads_paused),
+            kernel_drops: self
+                .kernel_drops
+                .map(|now| now.saturating_sub(earlier.kernel_drops.unwrap_or(0))),
+            unread_at_close: self.unread_at_close.saturating_sub(earlier.unread_at_close),
+            group_copies_skipped: self
+                .group_copies_skipped
+                .saturating_sub(earlier.group_copies_skipped),
+            listener_restarts: self
+                .listener_restarts
+                .saturating_sub(earlier.listener_restarts),
+        }
+    }
 }
 
 /// Dropped datagrams by reason; see [`Stats`].
@@ -188,6 +246,8 @@ impl std::fmt::Debug for Counters {
 #[repr(align(128))]
 pub(crate) struct Counters {
     received: AtomicU64,
+    bytes_received: AtomicU64,
+    bytes_sent: AtomicU64,
     /// Finished datagrams, by [`Outcome::index`].
     outcomes: [AtomicU64; Outcome::COUNT],
     receive_errors: AtomicU64,
@@ -204,10 +264,15 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn received(&self, n: u64) {
+    pub(crate) fn received(&self, n: u64, bytes: u64) {
+        self.bytes_received.fetch_add(bytes, Ordering::Relaxed);
         self.received.fetch_add(n, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         self.metrics.received(n);
+    }
+
+    pub(crate) fn sent(&self, bytes: u64) {
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Records how long a datagram took from receipt to its outcome.
@@ -322,6 +387,8 @@ impl Counters {
         let received = self.received.load(Ordering::Acquire);
         let finished: u64 = o.iter().sum();
         stats.received += received;
+        stats.bytes_received += self.bytes_received.load(Ordering::Relaxed);
+        stats.bytes_sent += self.bytes_sent.load(Ordering::Relaxed);
         stats.in_flight += received.saturating_sub(finished);
         stats.replied += o[0];
         stats.no_reply += o[1];
@@ -444,7 +511,7 @@ mod tests {
             Outcome::Layer(DropReason::Amplification),
             Outcome::Layer(DropReason::Denied),
         ];
-        counters.received(105);
+        counters.received(105, 0);
         // Outcome i is counted i + 1 times, so every field has its own value.
         for (i, outcome) in outcomes.iter().enumerate() {
             counters.finished(*outcome, i as u64 + 1);

@@ -64,7 +64,7 @@
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let sessions = Sessions::builder(|_peer| Counter(0)).build()?;
-//! let handle = Server::bind("127.0.0.1:0".parse()?)
+//! let handle = Server::bind("127.0.0.1:0")
 //!     .on_shutdown({
 //!         let sessions = sessions.clone();
 //!         move || sessions.clone().shutdown_owned()

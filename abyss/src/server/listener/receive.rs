@@ -210,17 +210,19 @@ impl Receiver {
         let slot = self.slot;
         let mut copies = 0;
         let mut datagrams = 0;
+        let mut bytes = 0;
         for meta in &self.metas[..n] {
             if self.skip_group_copies && meta.is_group_addressed() {
                 copies += meta.datagrams();
             } else {
                 datagrams += meta.datagrams();
+                bytes += meta.len;
             }
         }
         counters.group_copies_skipped(copies as u64);
         // Count every datagram received before any is finished, so that a
         // stats snapshot never sees an outcome without its receipt.
-        counters.received(datagrams as u64);
+        counters.received(datagrams as u64, bytes as u64);
         for (i, meta) in self.metas[..n].iter().enumerate() {
             if self.skip_group_copies && meta.is_group_addressed() {
                 continue;

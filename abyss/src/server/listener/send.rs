@@ -156,10 +156,13 @@ impl Outbox {
                     }
                     let replies: usize = covers[..sent.min(count)].iter().sum();
                     self.singles = self.singles.saturating_sub(replies);
+                    let mut bytes = 0;
                     for out in self.queue.drain(..replies) {
+                        bytes += out.payload.len() as u64;
                         tracing::trace!(target: CONNECTION, peer = %out.destination, len = out.payload.len(), "send");
                         tracing::trace!(target: CONNECTION, peer = %out.destination, outcome = "replied", "stop");
                     }
+                    counters.sent(bytes);
                     counters.finished(Outcome::Replied, replies as u64);
                 }
                 Poll::Ready(Err(error)) if spans[0].is_some() => {
