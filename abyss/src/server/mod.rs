@@ -158,6 +158,7 @@ impl Server {
 pub struct Builder {
     /// Where to serve, once given: resolved, or why it could not be.
     addr: Option<Result<SocketAddr, String>>,
+    name: Option<String>,
     listeners: Option<usize>,
     max_in_flight: usize,
     shutdown_timeout: Duration,
@@ -215,6 +216,7 @@ impl Builder {
     pub fn new() -> Self {
         Self {
             addr: None,
+            name: None,
             listeners: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -243,6 +245,14 @@ impl Builder {
                 .ok_or_else(|| "the address resolved to nothing".to_owned()),
             Err(error) => Err(format!("not an address: {error}")),
         });
+        self
+    }
+
+    /// A name for this server in logs and metrics (the `server` label), to
+    /// tell several servers of one process apart. Default: the address it
+    /// serves on.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
         self
     }
 
@@ -474,6 +484,7 @@ impl Builder {
         };
         Ok(Config {
             addr,
+            name: self.name.clone(),
             listeners,
             max_in_flight: self.max_in_flight,
             shutdown_timeout: self.shutdown_timeout,
@@ -536,6 +547,8 @@ where
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) addr: SocketAddr,
+    /// The name given with `Builder::name`, if any.
+    pub(crate) name: Option<String>,
     pub(crate) listeners: usize,
     pub(crate) max_in_flight: usize,
     pub(crate) shutdown_timeout: Duration,
