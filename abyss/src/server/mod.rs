@@ -566,6 +566,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("addr", &self.addr)
+            .field("name", &self.name)
             .field("listeners", &self.listeners)
             .field("max_in_flight", &self.max_in_flight)
             .finish_non_exhaustive()
