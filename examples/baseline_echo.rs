@@ -3,7 +3,7 @@
 //! current-thread runtime. No batching, no limits, no accounting.
 //!
 //! ```text
-//! cargo run --release --example baseline_echo -- --port 4100
+//! cargo run --release --example baseline_echo -- --bind 127.0.0.1:4100
 //! ```
 
 use std::net::SocketAddr;

@@ -39,11 +39,11 @@ struct Args {
     /// Requests in flight per socket.
     #[arg(long, default_value_t = 8)]
     window: usize,
-    /// Measured seconds.
-    #[arg(long, default_value_t = 10.0)]
+    /// Measured seconds (more than 0, at most a day).
+    #[arg(long, default_value_t = 10.0, value_parser = seconds(false))]
     duration: f64,
-    /// Seconds of load before measuring.
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds of load before measuring (0 to a day).
+    #[arg(long, default_value_t = 1.0, value_parser = seconds(true))]
     warmup: f64,
     /// Payload bytes (at least 16).
     #[arg(long, default_value_t = 64)]
@@ -72,6 +72,23 @@ struct Tally {
     replies: u64,
     lost: u64,
     histogram: Option<Histogram<u64>>,
+}
+
+/// A parser of a number of seconds, finite, not negative, at most a day,
+/// and above zero unless `zero_ok`.
+fn seconds(zero_ok: bool) -> impl Fn(&str) -> Result<f64, String> + Clone {
+    move |text: &str| {
+        let value: f64 = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+        if !(0.0..=86_400.0).contains(&value) {
+            return Err(format!("{text} is not between 0 and 86400 seconds"));
+        }
+        if value == 0.0 && !zero_ok {
+            return Err("must be more than 0 seconds".to_owned());
+        }
+        Ok(value)
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -167,3 +167,67 @@ async fn every_datagram_whose_handling_starts_ends_with_exactly_one_stop() {
     );
     assert_eq!(*stops.starts.lock().unwrap(), 6);
 }
+
+/// Records `(level, message)` of every event at INFO or above.
+#[derive(Clone, Default)]
+struct Visible(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Visible {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let level = *event.metadata().level();
+        if level <= tracing::Level::INFO {
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            self.0.lock().unwrap().push((level, fields.message));
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn drops_are_explained_at_the_default_level_once_per_reason_not_once_per_datagram() {
+    let visible = Visible::default();
+    let subscriber = tracing_subscriber::registry().with(visible.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let handle = Server::bind("127.0.0.1:0")
+        .listeners(1)
+        .serve(tower::service_fn(|request: abyss::Request| async move {
+            match request.payload().as_ref() {
+                b"error" => Err(std::io::Error::other("the database is down")),
+                _ => Ok(Some(request.into_payload())),
+            }
+        }))
+        .await
+        .unwrap();
+    let socket = client().await;
+    let big = [0u8; 9000];
+    for _ in 0..200 {
+        socket.send_to(&big, handle.local_addr()).await.unwrap();
+        socket.send_to(b"error", handle.local_addr()).await.unwrap();
+    }
+    abyss_tests::wait_for_stats(&handle, "every datagram finished", |s| {
+        s.received + s.kernel_drops.unwrap_or(0) == 400 && s.in_flight == 0
+    })
+    .await;
+    handle.shutdown().await;
+
+    let lines = visible.0.lock().unwrap().clone();
+    let warnings: Vec<&String> = lines
+        .iter()
+        .filter(|(level, _)| *level == tracing::Level::WARN)
+        .map(|(_, message)| message)
+        .collect();
+    assert!(
+        warnings.iter().any(|m| m.contains("max_packet_size")),
+        "an oversized datagram says what to change: {warnings:?}"
+    );
+    assert!(
+        warnings.iter().any(|m| m.contains("the service failed")),
+        "a handler error is visible: {warnings:?}"
+    );
+    assert!(
+        warnings.len() <= 4,
+        "400 drops, {} lines: {warnings:?}",
+        warnings.len()
+    );
+}

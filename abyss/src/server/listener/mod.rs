@@ -4,6 +4,7 @@
 //! Receiving lives in `receive`, sending in `send`, service futures in
 //! `in_flight`; this module keeps the loop that ties them together.
 
+mod drop_log;
 mod in_flight;
 mod receive;
 mod send;
@@ -16,13 +17,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use tower::{BoxError, Service};
 
+use self::drop_log::{DropLog, LogGate};
 use self::in_flight::{Done, Finished, InFlight, Staged, drop_caught, drop_value, panic_message};
 use self::receive::{Batch, Received, Receiver};
 use self::send::{Outbox, Outgoing};
@@ -70,30 +72,6 @@ pub(crate) struct Settings {
     pub(crate) live: Arc<AtomicUsize>,
 }
 
-/// Lets a warning through at most once a second, counting the rest.
-#[derive(Debug, Default)]
-struct LogGate {
-    next: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogGate {
-    /// `Some(suppressed since the last one)` when this one may be logged.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.next {
-            Some(next) if now < next => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.next = Some(now + Duration::from_secs(1));
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
 /// The service's readiness for the next datagram.
 enum Readiness {
     /// Not polled since the last call.
@@ -139,6 +117,7 @@ pub(crate) struct Listener<S, F> {
     staging: Pin<Box<Option<InFlight<F>>>>,
     outbox: Outbox,
     panic_log: LogGate,
+    drop_log: DropLog,
     _live: Live,
 }
 
@@ -159,7 +138,7 @@ where
         let local = transport.local_addr()?;
         // Every socket on the port gets a copy of a broadcast or multicast
         // datagram: only the group's first listener handles them.
-        let receiver = Receiver::new(&*transport, settings.max_datagram_size, settings.index > 0);
+        let receiver = Receiver::new(&*transport, settings.max_datagram_size, settings.index);
         let outbox = Outbox::new(&*transport);
         counters[settings.index].attach(&transport);
         Ok(Self {
@@ -175,6 +154,7 @@ where
             staging: Box::pin(None),
             outbox,
             panic_log: LogGate::default(),
+            drop_log: DropLog::default(),
             _live: Live::new(settings.live.clone()),
             settings,
             transport,
@@ -288,13 +268,13 @@ where
                     Readiness::Ready => self.dispatch(received, cx),
                     Readiness::Unknown => unreachable!("poll_service_ready leaves a result"),
                     Readiness::Failed(error) => {
-                        tracing::debug!(
-                            target: CONNECTION,
-                            peer = %received.peer,
-                            error = %error,
-                            "service not ready; datagram dropped"
-                        );
                         self.count(received.peer, Outcome::HandlerError);
+                        self.drop_log.note(
+                            self.settings.index,
+                            received.peer,
+                            Outcome::HandlerError,
+                            Some(&error),
+                        );
                         let _ = drop_value(error);
                     }
                     Readiness::Panicked(message) => self.panicked(received.peer, &message),
@@ -374,7 +354,7 @@ where
             Poll::Ready(Batch::Error(error)) => {
                 *budget = budget.saturating_sub(1);
                 self.counters().receive_error();
-                self.receiver.log_error(self.settings.index, &error);
+                self.receiver.log_error(&error);
                 true
             }
         }
@@ -441,17 +421,25 @@ where
                     });
                 } else {
                     self.count(done.peer, Outcome::RefusedDestination);
+                    self.drop_log.note(
+                        self.settings.index,
+                        done.peer,
+                        Outcome::RefusedDestination,
+                        None,
+                    );
                 }
             }
             Finished::Reply(None) => self.count(done.peer, Outcome::NoReply),
             Finished::Failed(error) => {
-                match drop_reason(&*error) {
-                    Some(reason) => self.count(done.peer, Outcome::Layer(reason)),
-                    None => {
-                        tracing::debug!(target: CONNECTION, peer = %done.peer, error = %error, "handler error; datagram dropped");
-                        self.count(done.peer, Outcome::HandlerError);
-                    }
-                }
+                let outcome = match drop_reason(&*error) {
+                    Some(reason) => Outcome::Layer(reason),
+                    None => Outcome::HandlerError,
+                };
+                self.count(done.peer, outcome);
+                let cause: &dyn std::fmt::Display = &error;
+                let cause = matches!(outcome, Outcome::HandlerError).then_some(cause);
+                self.drop_log
+                    .note(self.settings.index, done.peer, outcome, cause);
                 if let Err(message) = drop_value(error) {
                     tracing::error!(target: CONNECTION, panic = message, "an error's destructor panicked");
                 }
@@ -495,8 +483,7 @@ pub(crate) fn close_after_failure(
     // The transport may be what failed: a panic here ends nothing.
     let closed = catch_unwind(AssertUnwindSafe(|| {
         let _ = transport.stop_receiving();
-        let mut receiver =
-            Receiver::new(&**transport, settings.max_datagram_size, settings.index > 0);
+        let mut receiver = Receiver::new(&**transport, settings.max_datagram_size, settings.index);
         close(&mut receiver, transport, counters)
     }));
     closed.unwrap_or_else(|panic| {
@@ -504,19 +491,4 @@ pub(crate) fn close_after_failure(
         counters.forget(transport);
         0
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_log_gate_lets_one_warning_through_per_second() {
-        let mut gate = LogGate::default();
-        assert_eq!(gate.allow(), Some(0));
-        assert_eq!(gate.allow(), None);
-        assert_eq!(gate.allow(), None);
-        gate.next = Some(Instant::now() - Duration::from_millis(1));
-        assert_eq!(gate.allow(), Some(2));
-    }
 }

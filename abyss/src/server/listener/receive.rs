@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::super::stats::{Counters, Outcome};
-use super::{LogGate, MAX_BATCH};
+use super::MAX_BATCH;
+use super::drop_log::{DropLog, LogGate};
 use crate::middleware::targets::{CONNECTION, LISTENER};
 use crate::transport::{RecvMeta, Transport};
 
@@ -70,14 +71,15 @@ pub(super) struct Receiver {
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
     backoff_for: Duration,
     log: LogGate,
+    drops: DropLog,
+    /// The listener's index, for logs.
+    index: usize,
 }
 
 impl Receiver {
-    pub(super) fn new(
-        transport: &dyn Transport,
-        max_datagram_size: usize,
-        skip_group_copies: bool,
-    ) -> Self {
+    /// The receive side of listener `index`; every listener but the first
+    /// leaves broadcast and multicast copies to the first.
+    pub(super) fn new(transport: &dyn Transport, max_datagram_size: usize, index: usize) -> Self {
         let segments = transport.max_receive_segments().max(1);
         let slot = if segments > 1 {
             GRO_SLOT
@@ -96,11 +98,13 @@ impl Receiver {
             batch,
             arena: BytesMut::new(),
             max_datagram_size,
-            skip_group_copies,
+            skip_group_copies: index > 0,
             failures: 0,
             backoff: None,
             backoff_for: MIN_BACKOFF,
             log: LogGate::default(),
+            drops: DropLog::default(),
+            index,
         }
     }
 
@@ -188,9 +192,9 @@ impl Receiver {
     }
 
     /// Logs a receive error, at most once a second.
-    pub(super) fn log_error(&mut self, index: usize, error: &io::Error) {
+    pub(super) fn log_error(&mut self, error: &io::Error) {
         if let Some(suppressed) = self.log.allow() {
-            tracing::warn!(target: LISTENER, listener = index, %error, suppressed, "recv_error");
+            tracing::warn!(target: LISTENER, listener = self.index, %error, suppressed, "recv_error");
         }
     }
 
@@ -228,8 +232,9 @@ impl Receiver {
                 continue;
             }
             if meta.truncated {
-                tracing::debug!(target: CONNECTION, peer = %meta.peer, len = meta.len, limit, "datagram truncated; dropped");
                 counters.finished(Outcome::Truncated, 1);
+                self.drops
+                    .note(self.index, meta.peer, Outcome::Truncated, None);
                 continue;
             }
             let buffer = &self.scratch[i * slot..i * slot + meta.len];
@@ -240,8 +245,9 @@ impl Receiver {
                 if data.len() > limit {
                     // Only a GRO buffer, which is larger than the limit, can
                     // hold one: treat it as the kernel would have.
-                    tracing::debug!(target: CONNECTION, peer = %meta.peer, len = data.len(), limit, "datagram over max_datagram_size; dropped");
                     counters.finished(Outcome::Truncated, 1);
+                    self.drops
+                        .note(self.index, meta.peer, Outcome::Truncated, None);
                     continue;
                 }
                 if self.arena.capacity() < data.len() {

@@ -13,7 +13,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 
 use super::super::stats::{Counters, Outcome};
-use super::{LogGate, MAX_BATCH};
+use super::MAX_BATCH;
+use super::drop_log::LogGate;
 use crate::middleware::targets::{CONNECTION, LISTENER};
 use crate::transport::{Transmit, Transport};
 
