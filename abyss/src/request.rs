@@ -18,11 +18,10 @@ use crate::transport::{Transmit, Transport};
 /// # Example
 ///
 /// ```
-/// use abyss::Request;
-/// use bytes::Bytes;
+/// use abyss::{Bytes, Request};
 ///
 /// async fn handle(request: Request) -> Result<Option<Bytes>, std::convert::Infallible> {
-///     tracing::debug!(peer = %request.peer(), len = request.payload().len(), "asked");
+///     println!("{} bytes from {} to {}", request.payload().len(), request.peer(), request.local());
 ///     Ok(Some(request.into_payload()))
 /// }
 /// ```
@@ -45,7 +44,7 @@ impl Request {
     /// let request = Request::new(
     ///     "192.0.2.7:5000".parse().unwrap(),
     ///     "192.0.2.1:53".parse().unwrap(),
-    ///     bytes::Bytes::from_static(b"hello"),
+    ///     abyss::Bytes::from_static(b"hello"),
     ///     SendHandle::detached(),
     /// );
     /// assert_eq!(request.payload(), &b"hello"[..]);
@@ -164,8 +163,7 @@ impl fmt::Debug for Request {
 /// A DHCP-style service that answers by broadcast instead of by reply:
 ///
 /// ```
-/// use abyss::Request;
-/// use bytes::Bytes;
+/// use abyss::{Bytes, Request};
 ///
 /// async fn offer(request: Request) -> std::io::Result<Option<Bytes>> {
 ///     let broadcast = "255.255.255.255:68".parse().unwrap();

@@ -54,8 +54,7 @@ impl std::ops::AddAssign for DrainReport {
 ///
 /// ```
 /// use std::convert::Infallible;
-/// use abyss::{Request, Server};
-/// use tower::service_fn;
+/// use abyss::{Request, Server, service_fn};
 ///
 /// # #[tokio::main]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -152,7 +152,38 @@ impl Server {
 ///
 /// Options are checked by [`build`](Builder::build) (and so by
 /// [`serve`](Builder::serve)), which fails with [`Error::Config`] or
-/// [`Error::Options`] naming the option.
+/// [`Error::Options`] naming the option. Each option's default is on its
+/// method.
+///
+/// # Example
+///
+/// A DNS-sized server on every IPv4 interface, with the layers a public
+/// service wants:
+///
+/// ```
+/// use std::time::Duration;
+/// use abyss::middleware::RateQuota;
+/// use abyss::{Server, UdpOptions};
+///
+/// # fn main() -> Result<(), abyss::Error> {
+/// let server = Server::bind("0.0.0.0:5353")
+///     .name("dns")
+///     .listeners(2)
+///     .max_in_flight(4096)
+///     .max_packet_size(4096)
+///     .rate_limit(RateQuota::per_second(50).with_burst(100))
+///     .timeout(Duration::from_secs(2))
+///     .shutdown_timeout(Duration::from_secs(5))
+///     .udp_options(UdpOptions::new().recv_buffer_size(4 << 20))
+///     .build()?;
+/// assert_eq!(server.addr().port(), 5353);
+///
+/// // Mistakes are named.
+/// let error = Server::bind("0.0.0.0:5353").max_in_flight(0).build().unwrap_err();
+/// assert_eq!(error.field(), Some("max_in_flight"));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 #[must_use = "a builder does nothing until `serve` is called"]
 pub struct Builder {
