@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use abyss::middleware::RateQuota;
-use abyss::{Request, Server, UdpOptions};
+use abyss::{Dispatch, Request, Server, UdpOptions};
 use clap::Parser;
 use tower::service_fn;
 
@@ -66,6 +66,14 @@ struct Args {
     /// worker per core.
     #[arg(long)]
     current_thread: bool,
+    /// Busy work of about this many microseconds per datagram, inside the
+    /// handler's future (to see where handlers run).
+    #[arg(long, default_value_t = 0)]
+    handler_cpu_us: u64,
+    /// Where handlers run: auto, inline (on the listener) or spawn (on the
+    /// runtime's workers).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "inline", "spawn"])]
+    dispatch: String,
     /// Serve with no middleware at all (not even the packet-size limit).
     #[arg(long, conflicts_with_all = ["rate_limit", "timeout_ms", "concurrency_shed", "trace"])]
     no_layers: bool,
@@ -123,10 +131,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.gro {
         builder = builder.udp_options(UdpOptions::new().gro(true));
     }
-    let echo =
-        service_fn(
-            |request: Request| async move { Ok::<_, Infallible>(Some(request.into_payload())) },
-        );
+    builder = builder.dispatch(match args.dispatch.as_str() {
+        "inline" => Dispatch::Inline,
+        "spawn" => Dispatch::Spawn,
+        _ => Dispatch::Auto,
+    });
+    let cpu = args.handler_cpu_us;
+    let echo = service_fn(move |request: Request| async move {
+        if cpu > 0 {
+            abyss_examples::busy_work(cpu);
+        }
+        Ok::<_, Infallible>(Some(request.into_payload()))
+    });
     let handle = builder.serve(echo).await?;
     println!("listening on {}", handle.local_addr());
 

@@ -73,6 +73,24 @@ pub fn stats_line(stats: &Stats) -> String {
     line
 }
 
+/// Computes for about `micros` microseconds: stands in for a handler's CPU
+/// work (parsing, crypto, a lookup) in benchmarks.
+///
+/// ```
+/// let start = std::time::Instant::now();
+/// abyss_examples::busy_work(200);
+/// assert!(start.elapsed() >= std::time::Duration::from_micros(200));
+/// ```
+pub fn busy_work(micros: u64) {
+    if micros == 0 {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_micros(micros) {
+        std::hint::spin_loop();
+    }
+}
+
 /// The line a program prints when it stops: its counters and what the
 /// drain did with the requests in flight.
 ///

@@ -919,3 +919,81 @@ async fn a_server_asking_for_broadcast_runs_one_listener_unless_told_otherwise()
     assert_eq!(handle.live_listeners(), 2);
     handle.shutdown().await;
 }
+
+/// How many handlers run at once, and the most that ever did.
+#[derive(Default)]
+struct Overlap {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+/// A handler that computes for `micros` microseconds per datagram, and
+/// records how many ran at the same time.
+fn heavy(
+    micros: u64,
+    overlap: Arc<Overlap>,
+) -> impl tower::Service<
+    Request,
+    Response = Bytes,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Bytes, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    use std::sync::atomic::Ordering::SeqCst;
+    service_fn(move |request: Request| {
+        let overlap = overlap.clone();
+        async move {
+            let running = overlap.now.fetch_add(1, SeqCst) + 1;
+            overlap.most.fetch_max(running, SeqCst);
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_micros(micros) {
+                std::hint::spin_loop();
+            }
+            overlap.now.fetch_sub(1, SeqCst);
+            Ok(request.into_payload())
+        }
+    })
+}
+
+/// Asks `count` questions from one socket, `window` at a time.
+async fn one_peer_asks(server: SocketAddr, count: usize, window: usize) {
+    let socket = client().await;
+    let mut sent = 0;
+    let mut answered = 0;
+    while answered < count {
+        while sent < count && sent - answered < window {
+            socket.send_to(&[7u8; 8], server).await.unwrap();
+            sent += 1;
+        }
+        recv_within(&socket, PATIENCE).await.expect("an answer");
+        answered += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_handlers_of_one_peer_run_on_every_worker_and_cheap_ones_stay_inline() {
+    for (dispatch, micros, parallel) in [
+        (abyss::Dispatch::Auto, 200, true),
+        (abyss::Dispatch::Inline, 200, false),
+        (abyss::Dispatch::Auto, 0, false),
+    ] {
+        let overlap = Arc::new(Overlap::default());
+        let handle = Server::bind(loopback())
+            .listeners(1)
+            .dispatch(dispatch)
+            .serve(heavy(micros, Arc::clone(&overlap)))
+            .await
+            .unwrap();
+        one_peer_asks(handle.local_addr(), 600, 32).await;
+        let stats = settled(&handle).await;
+        assert_eq!(stats.replied, 600, "{stats:?}");
+        let most = overlap.most.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            most > 1,
+            parallel,
+            "{dispatch:?} with {micros} us handlers: at most {most} at once"
+        );
+        handle.shutdown().await;
+    }
+}

@@ -13,7 +13,8 @@ pub use error::Error;
 pub use request::{Request, SendHandle};
 pub use server::{
     Builder, DEFAULT_MAX_DATAGRAM_SIZE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PACKET_SIZE,
-    DEFAULT_SHUTDOWN_TIMEOUT, DrainReport, Drops, Server, ServerHandle, ServerState, Stats,
+    DEFAULT_SHUTDOWN_TIMEOUT, Dispatch, DrainReport, Drops, Server, ServerHandle, ServerState,
+    Stats,
 };
 pub use signal::shutdown_signal;
 

@@ -1105,3 +1105,61 @@ async fn a_gso_run_the_path_refuses_is_resent_datagram_by_datagram_and_gso_stays
     assert!(gso_sent > 0, "GSO is still used for runs the path takes");
     handle.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn handlers_spawned_on_the_workers_are_answered_counted_drained_and_aborted() {
+    let net = MemoryNetwork::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let service = service_fn({
+        let gate = gate.clone();
+        move |request: Request| {
+            let gate = gate.clone();
+            async move {
+                match request.payload().as_ref() {
+                    b"panic" => panic!("a spawned handler panicked"),
+                    b"wait" => gate.acquire().await.expect("gate").forget(),
+                    _ => {}
+                }
+                Ok::<_, Infallible>(request.into_payload())
+            }
+        }
+    });
+    let handle = serve_on(
+        &net,
+        Server::builder()
+            .listeners(1)
+            .dispatch(abyss::Dispatch::Spawn)
+            .shutdown_timeout(Duration::from_secs(15)),
+        service,
+    )
+    .await;
+    let client = net.bind("10.0.0.2:0".parse().unwrap()).unwrap();
+    for payload in [&b"now"[..], b"panic", b"wait", b"wait", b"wait"] {
+        send(&client, handle.local_addr(), payload).await;
+    }
+    run_until_idle().await;
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.replied, stats.dropped.panicked, stats.in_flight),
+        (1, 1, 3),
+        "{stats:?}"
+    );
+    // One finishes during the drain; two outlive it.
+    let shutdown = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.shutdown().await }
+    });
+    run_until_idle().await;
+    gate.add_permits(1);
+    let report = shutdown.await.unwrap();
+    assert_eq!((report.drained, report.aborted), (1, 2));
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.replied, stats.dropped.aborted, stats.in_flight),
+        (2, 2, 0),
+        "{stats:?}"
+    );
+    assert!(accounted(&stats));
+    let replies: Vec<Vec<u8>> = drain(&client).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(replies, [b"now".to_vec(), b"wait".to_vec()]);
+}

@@ -430,6 +430,7 @@ impl Inner {
                 index,
                 max_in_flight: config.share(index),
                 max_datagram_size: config.max_datagram_size,
+                dispatch: config.dispatch,
                 shutdown_timeout: config.shutdown_timeout,
                 live: self.live.clone(),
             };

@@ -148,6 +148,26 @@ impl Server {
     }
 }
 
+/// Where service futures run; see [`Builder::dispatch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dispatch {
+    /// Chosen by each listener from how long handling takes: inline while
+    /// it averages under a few microseconds per datagram, on the workers
+    /// once it takes more than about ten; inline always on a runtime with
+    /// one worker.
+    #[default]
+    Auto,
+    /// On the listener's task, polled between its reads and sends: the
+    /// cheapest for handlers that answer at once, but one listener (and so
+    /// one core) per peer.
+    Inline,
+    /// Each datagram's service future spawned on the runtime, so that
+    /// handlers run on every worker while the listener keeps reading and
+    /// batching replies.
+    Spawn,
+}
+
 /// Configures a server; see [`Server`].
 ///
 /// Options are checked by [`build`](Builder::build) (and so by
@@ -194,6 +214,7 @@ pub struct Builder {
     max_in_flight: usize,
     shutdown_timeout: Duration,
     max_datagram_size: usize,
+    dispatch: Dispatch,
     udp: UdpOptions,
     transport: Option<Arc<dyn Bind>>,
     layers: LayerOptions,
@@ -228,6 +249,7 @@ impl fmt::Debug for Builder {
             .field("max_in_flight", &self.max_in_flight)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("max_datagram_size", &self.max_datagram_size)
+            .field("dispatch", &self.dispatch)
             .field("udp", &self.udp)
             .field("transport", &self.transport)
             .field("layers", &self.layers)
@@ -252,6 +274,7 @@ impl Builder {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             max_datagram_size: DEFAULT_MAX_DATAGRAM_SIZE,
+            dispatch: Dispatch::Auto,
             udp: UdpOptions::new(),
             transport: None,
             layers: LayerOptions {
@@ -334,6 +357,29 @@ impl Builder {
     /// `too_large`, which says what to change, rather than `truncated`.
     pub fn max_datagram_size(mut self, bytes: usize) -> Self {
         self.max_datagram_size = bytes;
+        self
+    }
+
+    /// Where service futures run (default [`Dispatch::Auto`]).
+    ///
+    /// The kernel keeps each peer on one listener, and a listener is one
+    /// task. Inline, a handler that computes for long serves a few peers on
+    /// one core while the others idle (a service behind a load balancer or
+    /// a NAT sees exactly this). Spawned, each datagram's future runs on
+    /// whichever worker is free, and its reply comes back to the
+    /// listener's batched send path; limits, backpressure, accounting,
+    /// panics and draining are the same either way. `Auto` measures how
+    /// long handling holds each listener and moves it when that pays.
+    ///
+    /// Only the future runs on a worker: `Service::call` itself runs on the
+    /// listener, so put heavy work inside the future (`async move { .. }`).
+    ///
+    /// ```
+    /// use abyss::{Dispatch, Server};
+    /// let builder = Server::bind("127.0.0.1:0").dispatch(Dispatch::Spawn);
+    /// ```
+    pub fn dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.dispatch = dispatch;
         self
     }
 
@@ -520,6 +566,7 @@ impl Builder {
             max_in_flight: self.max_in_flight,
             shutdown_timeout: self.shutdown_timeout,
             max_datagram_size: self.max_datagram_size,
+            dispatch: self.dispatch,
             bind,
             rate_limiter,
             trace: self.layers.trace,
@@ -584,6 +631,7 @@ pub(crate) struct Config {
     pub(crate) max_in_flight: usize,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_datagram_size: usize,
+    pub(crate) dispatch: Dispatch,
     pub(crate) bind: Arc<dyn Bind>,
     pub(crate) rate_limiter: Option<PeerRateLimiter>,
     trace: bool,

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pin_project_lite::pin_project;
@@ -39,6 +39,9 @@ pub(super) struct Done {
     pub(super) reply_from: Option<IpAddr>,
     pub(super) received_at: Instant,
     pub(super) finished: Finished,
+    /// Time its polls took, when it ran on a worker (zero inline: the
+    /// listener measures those itself).
+    pub(super) busy: Duration,
 }
 
 impl<F, R, E> Future for InFlight<F>
@@ -63,6 +66,37 @@ where
             reply_from: *this.reply_from,
             received_at: *this.received_at,
             finished,
+            busy: Duration::ZERO,
+        })
+    }
+}
+
+pin_project! {
+    /// A service future run on the runtime's workers: it reports how long
+    /// its polls took, so the listener can tell whether handlers are heavy.
+    pub(super) struct Timed<F> {
+        #[pin]
+        pub(super) inner: InFlight<F>,
+        pub(super) busy: Duration,
+    }
+}
+
+impl<F, R, E> Future for Timed<F>
+where
+    F: Future<Output = Result<R, E>>,
+    R: IntoReply,
+    E: Into<BoxError>,
+{
+    type Output = Done;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done> {
+        let this = self.project();
+        let start = Instant::now();
+        let polled = this.inner.poll(cx);
+        *this.busy += start.elapsed();
+        polled.map(|mut done| {
+            done.busy = *this.busy;
+            done
         })
     }
 }

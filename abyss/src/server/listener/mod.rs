@@ -6,6 +6,7 @@
 
 mod drop_log;
 mod in_flight;
+mod placement;
 mod receive;
 mod send;
 
@@ -17,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -25,7 +26,10 @@ use futures_util::task::AtomicWaker;
 use tower::{BoxError, Service};
 
 use self::drop_log::{DropLog, LogGate};
-use self::in_flight::{Done, Finished, InFlight, Staged, drop_caught, drop_value, panic_message};
+use self::in_flight::{
+    Done, Finished, InFlight, Staged, Timed, drop_caught, drop_value, panic_message,
+};
+use self::placement::Placement;
 use self::receive::{Batch, Received, Receiver};
 use self::send::{Outbox, Outgoing};
 use super::DrainReport;
@@ -67,6 +71,7 @@ pub(crate) struct Settings {
     /// This listener's share of `max_in_flight`.
     pub(crate) max_in_flight: usize,
     pub(crate) max_datagram_size: usize,
+    pub(crate) dispatch: crate::Dispatch,
     pub(crate) shutdown_timeout: Duration,
     /// Live listeners of the server, this one included while it runs.
     pub(crate) live: Arc<AtomicUsize>,
@@ -113,6 +118,10 @@ pub(crate) struct Listener<S, F> {
     receiver: Receiver,
     pending: VecDeque<Received>,
     in_flight: FuturesUnordered<Staged<F>>,
+    /// Service futures running on the runtime's workers.
+    spawned: tokio::task::JoinSet<Done>,
+    /// Whether new service futures run here or on the workers.
+    placement: Placement,
     /// Where a new service future is first polled; see `dispatch`.
     staging: Pin<Box<Option<InFlight<F>>>>,
     outbox: Outbox,
@@ -151,6 +160,8 @@ where
             receiver,
             pending: VecDeque::new(),
             in_flight: FuturesUnordered::new(),
+            spawned: tokio::task::JoinSet::new(),
+            placement: Placement::new(settings.dispatch),
             staging: Box::pin(None),
             outbox,
             panic_log: LogGate::default(),
@@ -167,7 +178,7 @@ where
 
     /// Datagrams received and not finished.
     fn occupancy(&self) -> usize {
-        self.pending.len() + self.in_flight.len() + self.outbox.len()
+        self.pending.len() + self.in_flight.len() + self.spawned.len() + self.outbox.len()
     }
 
     /// Serves until told to drain, then drains up to the shutdown timeout.
@@ -232,6 +243,9 @@ where
         }
         // Each future's destructor runs under a catch (see `Staged`).
         self.in_flight.clear();
+        // Their peers are not known here: no `stop` for them.
+        self.spawned.abort_all();
+        self.spawned = tokio::task::JoinSet::new();
         for peer in self.outbox.clear() {
             tracing::trace!(target: CONNECTION, peer = %peer, outcome = "aborted", "stop");
         }
@@ -245,9 +259,32 @@ where
         let mut budget = BUDGET;
         loop {
             let mut progress = false;
+            let measuring = self.placement.measuring();
+            let started = measuring.then(Instant::now);
+            let mut dispatched = 0u32;
 
             while let Poll::Ready(Some(done)) = self.in_flight.poll_next_unpin(cx) {
                 self.finish(done);
+                progress = true;
+            }
+            let polled_in_flight = started.map(|at| at.elapsed());
+
+            while let Poll::Ready(Some(joined)) = self.spawned.poll_join_next(cx) {
+                match joined {
+                    Ok(done) => {
+                        if measuring {
+                            self.placed(done.busy, 1);
+                        }
+                        self.finish(done);
+                    }
+                    // Its panic was caught while polled: this one came from
+                    // its destructor, after it finished.
+                    Err(error) if error.is_panic() => {
+                        let peer = self.local;
+                        self.panicked(peer, &panic_message(&*error.into_panic()));
+                    }
+                    Err(_) => self.count(self.local, Outcome::Aborted),
+                }
                 progress = true;
             }
 
@@ -258,11 +295,13 @@ where
                 self.settings.index,
             );
 
+            let dispatching = measuring.then(Instant::now);
             while !self.pending.is_empty() && budget > 0 {
                 if self.poll_service_ready(cx).is_pending() {
                     break;
                 }
                 let received = self.pending.pop_front().expect("pending is not empty");
+                dispatched += 1;
                 tracing::trace!(target: CONNECTION, peer = %received.peer, len = received.payload.len(), "start");
                 match std::mem::replace(&mut self.readiness, Readiness::Unknown) {
                     Readiness::Ready => self.dispatch(received, cx),
@@ -281,6 +320,15 @@ where
                 }
                 budget -= 1;
                 progress = true;
+            }
+
+            if let (Some(polled), Some(dispatching)) = (polled_in_flight, dispatching)
+                && dispatched > 0
+                && !self.placement.spawning()
+            {
+                // Inline: what handling held the listener for, both polling
+                // what was waiting and starting what was new.
+                self.placed(polled + dispatching.elapsed(), dispatched);
             }
 
             if reading && self.pending.is_empty() && budget > 0 {
@@ -377,15 +425,23 @@ where
             Ok(future) => future,
             Err(panic) => return self.panicked(received.peer, &panic_message(&*panic)),
         };
-        // Poll once in place: a service that answers at once (most do) costs
-        // no allocation. Only a future that has to wait moves, with its box,
-        // into the in-flight set, and a new box takes its place.
-        self.staging.as_mut().set(Some(InFlight {
+        let in_flight = InFlight {
             future,
             peer: received.peer,
             reply_from: received.reply_from,
             received_at: received.at,
-        }));
+        };
+        if self.placement.spawning() {
+            self.spawned.spawn(Timed {
+                inner: in_flight,
+                busy: Duration::ZERO,
+            });
+            return;
+        }
+        // Poll once in place: a service that answers at once (most do) costs
+        // no allocation. Only a future that has to wait moves, with its box,
+        // into the in-flight set, and a new box takes its place.
+        self.staging.as_mut().set(Some(in_flight));
         let polled = self
             .staging
             .as_mut()
@@ -452,6 +508,18 @@ where
         self.count(peer, Outcome::Panicked);
         if let Some(suppressed) = self.panic_log.allow() {
             tracing::error!(target: CONNECTION, peer = %peer, panic = message, suppressed, "handler panicked; datagram dropped");
+        }
+    }
+
+    /// Records handling time for the choice of where handlers run.
+    fn placed(&mut self, took: Duration, datagrams: u32) {
+        if let Some(spawning) = self.placement.record(took, datagrams) {
+            tracing::debug!(
+                target: LISTENER,
+                listener = self.settings.index,
+                on_workers = spawning,
+                "handlers moved"
+            );
         }
     }
 
