@@ -22,26 +22,14 @@ client_cpu=${CLIENT_CPU:-0}
 cargo build --release --quiet --example echo --example baseline_echo --example loadgen
 bin=target/release/examples
 
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
-trap cleanup EXIT
-start() { # port, command...
-    local port=$1; shift
-    taskset -c "$server_cpu" "$@" >/dev/null 2>&1 &
-    pids+=($!)
-    for _ in $(seq 100); do
-        if ss -Hlun "sport = :$port" | grep -q .; then return; fi
-        sleep 0.05
-    done
-    echo "server on port $port did not start" >&2; exit 1
-}
+. bench/lib.sh
 
 full=(--trace --max-packet-size 8192 --rate-limit 1000000000 --timeout-ms 5000 --concurrency-limit 16384)
-start 4200 "$bin/baseline_echo" --bind 127.0.0.1:4200
-start 4201 "$old" --port 4201 --listeners 1 --no-layers
-start 4202 "$bin/echo" --port 4202 --listeners 1 --no-layers
-start 4203 "$old" --port 4203 --listeners 1 "${full[@]}"
-start 4204 "$bin/echo" --port 4204 --listeners 1 "${full[@]}"
+start 4200 taskset -c "$server_cpu" "$bin/baseline_echo" --bind 127.0.0.1:4200
+start 4201 taskset -c "$server_cpu" "$old" --port 4201 --listeners 1 --no-layers
+start 4202 taskset -c "$server_cpu" "$bin/echo" --port 4202 --listeners 1 --no-layers
+start 4203 taskset -c "$server_cpu" "$old" --port 4203 --listeners 1 "${full[@]}"
+start 4204 taskset -c "$server_cpu" "$bin/echo" --port 4204 --listeners 1 "${full[@]}"
 
 declare -A names=([4200]="baseline: tokio recv_from/send_to loop"
     [4201]="before, no layers" [4202]="after, no layers"
@@ -51,9 +39,6 @@ load() { # port, extra loadgen flags...
     local port=$1; shift
     taskset -c "$client_cpu" "$bin/loadgen" --target "127.0.0.1:$port" --duration "$seconds" --warmup 1 --json "$@"
 }
-field() { sed -E "s/.*\"$1\":([0-9.]+).*/\1/"; }
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 
 ports=(4200 4201 4202 4203 4204)
 for run in $(seq "$runs"); do

@@ -21,27 +21,15 @@ cargo build --release --quiet --example echo --example baseline_echo --example l
 gcc -O2 -o target/release/c_echo bench/c_echo.c
 bin=target/release/examples
 
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
-trap cleanup EXIT
-start() { # port, command...
-    local port=$1; shift
-    taskset -c "$server_cpu" "$@" >/dev/null 2>&1 &
-    pids+=($!)
-    for _ in $(seq 100); do
-        if ss -Hlun "sport = :$port" | grep -q .; then return; fi
-        sleep 0.05
-    done
-    echo "server on port $port did not start" >&2; exit 1
-}
+. bench/lib.sh
 
 full=(--trace --max-packet-size 8192 --rate-limit 1000000000 --timeout-ms 5000 --concurrency-limit 16384)
-start 4100 "$bin/baseline_echo" --bind 127.0.0.1:4100
-start 4101 "$bin/echo" --port 4101 --listeners 1 --no-layers
-start 4102 "$bin/echo" --port 4102 --listeners 1 "${full[@]}"
-start 4103 "$bin/echo" --port 4103 --listeners 2 "${full[@]}"
-start 4104 target/release/c_echo 4104
-start 4105 "$bin/echo" --port 4105 --listeners 1 --gro "${full[@]}"
+start 4100 taskset -c "$server_cpu" "$bin/baseline_echo" --bind 127.0.0.1:4100
+start 4101 taskset -c "$server_cpu" "$bin/echo" --port 4101 --listeners 1 --no-layers
+start 4102 taskset -c "$server_cpu" "$bin/echo" --port 4102 --listeners 1 "${full[@]}"
+start 4103 taskset -c "$server_cpu" "$bin/echo" --port 4103 --listeners 2 "${full[@]}"
+start 4104 taskset -c "$server_cpu" target/release/c_echo 4104
+start 4105 taskset -c "$server_cpu" "$bin/echo" --port 4105 --listeners 1 --gro "${full[@]}"
 
 declare -A names=([4100]="baseline: tokio recv_from/send_to loop" [4101]="abyss, no layers"
     [4102]="abyss, full default stack" [4103]="abyss, full stack, 2 listeners on 1 core"
@@ -51,8 +39,6 @@ load() { # port, extra loadgen flags...
     local port=$1; shift
     taskset -c "$client_cpu" "$bin/loadgen" --target "127.0.0.1:$port" --duration "$seconds" --warmup 1 --json "$@"
 }
-field() { sed -E "s/.*\"$1\":([0-9.]+).*/\1/"; }
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 plain=(4100 4101 4102 4103 4104)
 gso=(4100 4101 4102 4105 4104)
@@ -76,7 +62,6 @@ for run in $(seq "$runs"); do
     done
 done
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 table() { # load name, ports...
     local load=$1; shift
     local base; base=$(echo "${results[$load,4100]}" | median)

@@ -1,7 +1,7 @@
 //! Per-peer sessions: each peer gets its own counter, kept between its
 //! datagrams. `reset` ends the session; a peer quiet for `--idle-secs` is
 //! forgotten. Try: `nc -u 127.0.0.1 4001`, then type lines.
-use abyss::session::{Context, Session, Sessions, Step};
+use abyss::session::{Session, SessionContext, Sessions, Step};
 use abyss::{Request, Server};
 use clap::Parser;
 use std::time::Duration;
@@ -29,7 +29,7 @@ impl Session for Counter {
         Step::keep().reply(format!("{}\n", self.0))
     }
 
-    async fn on_idle(&mut self, context: &Context) -> Step {
+    async fn on_idle(&mut self, context: &SessionContext) -> Step {
         tracing::info!(peer = %context.peer(), count = self.0, "forgetting a quiet peer");
         Step::close()
     }
@@ -42,16 +42,18 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Listen for Ctrl-C and SIGTERM before saying we are ready.
+    let stop = abyss::shutdown_signal();
     let sessions = Sessions::builder(|_peer| Counter(0))
         .idle_timeout(Duration::from_secs(args.idle_secs))
         .build()?;
-    let stop = sessions.clone();
+    let ending = sessions.clone();
     let handle = Server::bind(args.bind)
-        .on_shutdown(move || stop.clone().shutdown_owned())
+        .on_shutdown(move || ending.shutdown())
         .serve(sessions.service())
         .await?;
     println!("listening on {}", handle.local_addr());
-    let report = handle.shutdown_on(abyss::shutdown_signal()).await;
+    let report = handle.shutdown_on(stop).await;
     println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

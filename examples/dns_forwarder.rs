@@ -44,6 +44,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Listen for Ctrl-C and SIGTERM before saying we are ready.
+    let stop = abyss::shutdown_signal();
     let upstream = match args.upstream {
         Some(upstream) => upstream,
         None => std::fs::read_to_string("/etc/resolv.conf")
@@ -64,7 +66,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "listening on {} forwarding to {upstream}",
         handle.local_addr()
     );
-    let report = handle.shutdown_on(abyss::shutdown_signal()).await;
+    let report = handle.shutdown_on(stop).await;
     println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

@@ -41,6 +41,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Listen for Ctrl-C and SIGTERM before saying we are ready.
+    let stop = abyss::shutdown_signal();
     let roots = match &args.root_hints {
         Some(path) => parse_root_hints(&std::fs::read_to_string(path)?),
         None => ROOT_SERVERS
@@ -58,7 +60,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let handle = Server::bind(args.bind).serve(service(resolver)).await?;
     println!("listening on {}", handle.local_addr());
-    let report = handle.shutdown_on(abyss::shutdown_signal()).await;
+    let report = handle.shutdown_on(stop).await;
     println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

@@ -33,6 +33,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Listen for Ctrl-C and SIGTERM before saying we are ready.
+    let stop = abyss::shutdown_signal();
     let mut options = UdpOptions::new().broadcast(true).reuse_address(true);
     if let Some(interface) = args.interface {
         options = options.bind_device(interface);
@@ -43,7 +45,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .serve(abyss_examples::dhcp::service(|line| println!("{line}")))
         .await?;
     println!("listening on {}", handle.local_addr());
-    let report = handle.shutdown_on(abyss::shutdown_signal()).await;
+    let report = handle.shutdown_on(stop).await;
     println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

@@ -36,6 +36,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Listen for Ctrl-C and SIGTERM before saying we are ready.
+    let stop = abyss::shutdown_signal();
     let print = |line: String| println!("{line}");
     let shared = UdpOptions::new().reuse_address(true).share_port(true);
     let v4 = Server::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.port)))
@@ -66,7 +68,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Ok(handle) => println!("listening on {} (ff02::fb)", handle.local_addr()),
         Err(error) => tracing::warn!(%error, "no IPv6 mDNS"),
     }
-    v4.shutdown_on(abyss::shutdown_signal()).await;
+    v4.shutdown_on(stop).await;
     if let Ok(v6) = v6 {
         v6.shutdown().await;
     }

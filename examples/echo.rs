@@ -100,6 +100,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Listen for Ctrl-C and SIGTERM before saying we are ready.
+    let stop = abyss::shutdown_signal();
     if let Some(addr) = args.metrics {
         abyss_examples::install_prometheus(addr)?;
         eprintln!("metrics on http://{addr}/metrics");
@@ -146,7 +148,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let handle = builder.serve(echo).await?;
     println!("listening on {}", handle.local_addr());
 
-    let report = handle.shutdown_on(abyss::shutdown_signal()).await;
+    let report = handle.shutdown_on(stop).await;
     println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

@@ -122,11 +122,25 @@ pub fn report<E: std::error::Error + ?Sized>(result: Result<(), Box<E>>) -> std:
 }
 
 /// Serves the server's metrics (see the `metrics` feature of `abyss`) in
-/// Prometheus' text format at `http://ADDR/metrics`. Call it inside the
-/// tokio runtime and before starting the server.
+/// Prometheus' text format at `http://ADDR/metrics`, with
+/// `abyss_handling_seconds` as a histogram (buckets from 10 µs to 10 s)
+/// rather than the exporter's default summary, so that it adds up across
+/// listeners and servers.
+///
+/// Call it before or after starting servers: they publish their counters
+/// to whichever recorder is installed, within a second. Inside a tokio
+/// runtime the exporter's HTTP listener runs on that runtime (and stops
+/// with it); outside one, on a thread of its own.
 pub fn install_prometheus(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    const HANDLING_BUCKETS: [f64; 13] = [
+        1e-5, 2.5e-5, 1e-4, 2.5e-4, 1e-3, 2.5e-3, 0.01, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0,
+    ];
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("abyss_handling_seconds".to_owned()),
+            &HANDLING_BUCKETS,
+        )?
         .install()?;
     Ok(())
 }

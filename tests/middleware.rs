@@ -281,6 +281,36 @@ async fn invalid_middleware_options_are_named() {
     }
 }
 
+#[test]
+fn an_invalid_rate_limit_names_the_part_of_the_quota_at_fault() {
+    let cases = [
+        (
+            RateQuota::per_second(0),
+            "rate_limit.max: must be at least 1",
+        ),
+        (
+            RateQuota::per_second(10).with_burst(0),
+            "rate_limit.burst: must be at least 1",
+        ),
+        (
+            RateQuota::new(10, Duration::ZERO),
+            "rate_limit.window: must be at least 1 ns per datagram",
+        ),
+    ];
+    for (quota, expected) in cases {
+        let error = Server::bind(loopback())
+            .rate_limit(quota)
+            .build()
+            .unwrap_err();
+        assert_eq!(error.field(), Some("rate_limit"));
+        match &error {
+            abyss::Error::Config { reason, .. } => assert_eq!(reason, expected),
+            other => panic!("not a configuration error: {other:?}"),
+        }
+        assert!(error.to_string().ends_with(expected), "{error}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_concurrency_shed_option_sheds_instead_of_queueing() {
     let (started_tx, mut started) = mpsc::unbounded_channel();
@@ -306,17 +336,13 @@ async fn the_concurrency_shed_option_sheds_instead_of_queueing() {
 
 #[tokio::test]
 async fn the_server_counts_denied_peers_and_amplified_replies_under_their_reasons() {
-    use abyss::middleware::{AmplificationGuardLayer, IpFilter};
+    use abyss::middleware::{AmplificationGuardLayer, IpFilterLayer};
     // Answers ten times the request: too much for anyone not validated.
     let amplifier = tower::service_fn(|request: Request| async move {
         Ok::<_, Infallible>(Some(Bytes::from(request.payload().repeat(10))))
     });
     let stack = ServiceBuilder::new()
-        .layer(
-            IpFilter::new()
-                .deny("127.0.0.3/32".parse().unwrap())
-                .layer(),
-        )
+        .layer(IpFilterLayer::new().deny("127.0.0.3/32".parse().unwrap()))
         .layer(
             AmplificationGuardLayer::new(3)
                 .validated_by(|peer: SocketAddr| peer.ip().to_string() == "127.0.0.2"),

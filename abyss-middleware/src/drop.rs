@@ -2,6 +2,16 @@ use std::error::Error;
 use std::fmt;
 
 /// Why a datagram was dropped on purpose by a layer.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::{DropReason, drop_reason};
+///
+/// let error = DropReason::TooLarge.into_error();
+/// assert_eq!(drop_reason(&*error), Some(DropReason::TooLarge));
+/// assert_eq!(DropReason::TooLarge.to_string(), "too_large");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DropReason {
@@ -22,6 +32,14 @@ pub enum DropReason {
 
 impl DropReason {
     /// A short `snake_case` name, as used in logs and metrics.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::DropReason;
+    ///
+    /// assert_eq!(DropReason::RateLimited.as_str(), "rate_limited");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::TooLarge => "too_large",
@@ -39,6 +57,21 @@ impl DropReason {
     /// zero-sized error type of its own (see [`error`](crate::error)), and
     /// a box of a zero-sized value allocates nothing. [`drop_reason`]
     /// recognises them. Layers fail requests with it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::DropReason;
+    ///
+    /// /// A handler that refuses peers on privileged ports, counted as `denied`.
+    /// async fn handle(peer: std::net::SocketAddr) -> Result<Option<bytes::Bytes>, tower::BoxError> {
+    ///     if peer.port() < 1024 {
+    ///         return Err(DropReason::Denied.into_error());
+    ///     }
+    ///     Ok(None)
+    /// }
+    /// # let _ = handle;
+    /// ```
     pub fn into_error(self) -> tower::BoxError {
         use crate::error;
         match self {
@@ -61,6 +94,21 @@ impl fmt::Display for DropReason {
 /// An error that drops the datagram on purpose, for a reason chosen at run
 /// time. It is one byte, so boxing it allocates; the layers use
 /// [`DropReason::into_error`] instead, which does not.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::{DropReason, Dropped, drop_reason};
+///
+/// fn refuse(busy: bool) -> tower::BoxError {
+///     let reason = if busy { DropReason::Overloaded } else { DropReason::Denied };
+///     Dropped::new(reason).into()
+/// }
+///
+/// let error = refuse(false);
+/// assert_eq!(drop_reason(&*error), Some(DropReason::Denied));
+/// assert_eq!(error.to_string(), "datagram dropped: denied");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dropped {
     reason: DropReason,
@@ -68,11 +116,28 @@ pub struct Dropped {
 
 impl Dropped {
     /// A datagram dropped for `reason`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{DropReason, Dropped};
+    ///
+    /// assert_eq!(Dropped::new(DropReason::Overloaded).reason(), DropReason::Overloaded);
+    /// ```
     pub fn new(reason: DropReason) -> Self {
         Self { reason }
     }
 
     /// Why it was dropped.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{DropReason, Dropped};
+    ///
+    /// let dropped = Dropped::new(DropReason::TimedOut);
+    /// assert_eq!(dropped.reason(), DropReason::TimedOut);
+    /// ```
     pub fn reason(&self) -> DropReason {
         self.reason
     }
@@ -89,6 +154,18 @@ impl Error for Dropped {}
 /// The drop reason behind `error`, if it (or an error in its source chain)
 /// is a [`Dropped`], tower's timeout [`Elapsed`](tower::timeout::error::Elapsed)
 /// or tower's load-shed [`Overloaded`](tower::load_shed::error::Overloaded).
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::{DropReason, drop_reason};
+///
+/// let timed_out: tower::BoxError = Box::new(tower::timeout::error::Elapsed::new());
+/// assert_eq!(drop_reason(&*timed_out), Some(DropReason::TimedOut));
+///
+/// let handler_error = std::io::Error::other("database unreachable");
+/// assert_eq!(drop_reason(&handler_error), None, "a failure, not a drop");
+/// ```
 pub fn drop_reason(error: &(dyn Error + 'static)) -> Option<DropReason> {
     let mut current = Some(error);
     while let Some(e) = current {

@@ -5,6 +5,17 @@
 //! [`Overloaded`](tower::load_shed::error::Overloaded). Find the reason
 //! behind any of them with [`drop_reason`](crate::drop_reason); make one
 //! with [`DropReason::into_error`].
+//!
+//! # Example
+//!
+//! ```
+//! use abyss_middleware::error::TooLarge;
+//! use abyss_middleware::{DropReason, drop_reason};
+//!
+//! let error: tower::BoxError = Box::new(TooLarge);
+//! assert!(error.is::<TooLarge>());
+//! assert_eq!(drop_reason(&*error), Some(DropReason::TooLarge));
+//! ```
 
 use std::error::Error;
 use std::fmt;
@@ -41,15 +52,70 @@ macro_rules! drop_errors {
 
 drop_errors! {
     /// The payload was over the size limit.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::error::TooLarge;
+    /// use abyss_middleware::DropReason;
+    ///
+    /// let error = DropReason::TooLarge.into_error();
+    /// assert!(error.is::<TooLarge>());
+    /// assert_eq!(error.to_string(), "datagram dropped: too_large");
+    /// ```
     TooLarge => TooLarge, "datagram dropped: too_large";
     /// The peer was over its rate limit.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::error::RateLimited;
+    /// use abyss_middleware::DropReason;
+    ///
+    /// let error = DropReason::RateLimited.into_error();
+    /// assert!(error.is::<RateLimited>());
+    /// assert_eq!(error.to_string(), "datagram dropped: rate_limited");
+    /// ```
     RateLimited => RateLimited, "datagram dropped: rate_limited";
     /// The service was at its concurrency limit (the datagram was shed, not
     /// queued).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::error::Overloaded;
+    /// use abyss_middleware::DropReason;
+    ///
+    /// let error = DropReason::Overloaded.into_error();
+    /// assert!(error.is::<Overloaded>());
+    /// assert_eq!(error.to_string(), "datagram dropped: overloaded");
+    /// ```
     Overloaded => Overloaded, "datagram dropped: overloaded";
     /// A policy refused the peer or the payload.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::error::Denied;
+    /// use abyss_middleware::DropReason;
+    ///
+    /// let error = DropReason::Denied.into_error();
+    /// assert!(error.is::<Denied>());
+    /// assert_eq!(error.to_string(), "datagram dropped: denied");
+    /// ```
     Denied => Denied, "datagram dropped: denied";
     /// The reply was over the amplification limit for a peer not yet
     /// validated.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::error::AmplificationLimited;
+    /// use abyss_middleware::DropReason;
+    ///
+    /// let error = DropReason::Amplification.into_error();
+    /// assert!(error.is::<AmplificationLimited>());
+    /// assert_eq!(error.to_string(), "datagram dropped: amplification");
+    /// ```
     AmplificationLimited => Amplification, "datagram dropped: amplification";
 }

@@ -8,9 +8,34 @@ use tower::BoxError;
 use crate::DropReason;
 
 pin_project! {
-    /// The response future of a layer that may refuse a request in `call`:
-    /// either the inner service's future, or an immediate [`Dropped`] error.
-    /// No allocation either way.
+    /// The response future of a service that may refuse a request in
+    /// `call` ([`SizeLimit`](crate::size_limit::SizeLimit),
+    /// [`PeerRateLimit`](crate::rate_limit::PeerRateLimit),
+    /// [`IpFilter`](crate::filter::IpFilter)): either the inner service's
+    /// future, or an immediate error for a [`DropReason`]
+    /// ([`DropReason::into_error`]). No allocation either way.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::size_limit::ResponseFuture;
+    /// use abyss_middleware::{DropReason, SizeLimitLayer, drop_reason};
+    /// use tower::{Layer, Service};
+    /// # #[derive(Debug)] struct Req(usize);
+    /// # impl abyss_middleware::Datagram for Req {
+    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+    /// #     fn payload_len(&self) -> usize { self.0 }
+    /// # }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// type Inner = std::future::Ready<Result<(), std::convert::Infallible>>;
+    /// let mut service = SizeLimitLayer::new(4).layer(tower::service_fn(|_: Req| std::future::ready(Ok(()))));
+    /// let refused: ResponseFuture<Inner> = service.call(Req(5));
+    /// assert_eq!(drop_reason(&*refused.await.unwrap_err()), Some(DropReason::TooLarge));
+    /// # }
+    /// ```
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]

@@ -72,8 +72,7 @@ pub use amplification::{AmplificationGuardLayer, Validate};
 pub use concurrency::ConcurrencyShedLayer;
 pub use datagram::Datagram;
 pub use drop::{DropReason, Dropped, drop_reason};
-pub use filter::{IpFilter, IpFilterLayer};
-pub use future::ResponseFuture;
+pub use filter::IpFilterLayer;
 pub use rate_limit::{
     PeerRateLimitLayer, PeerRateLimiter, PeerRateLimiterBuilder, RateLimitError, RateLimitStats,
     RateQuota,
@@ -85,9 +84,31 @@ pub use trace::TraceLayer;
 /// The tracing targets of Abyss's events, matching the original's
 /// `[:abyss, :listener, ...]` and `[:abyss, :connection, ...]` telemetry
 /// families; filter on them (`RUST_LOG=abyss::connection=trace`).
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::targets;
+///
+/// // Every drop decision, at any level; per-datagram events from INFO up.
+/// let filter = format!("{}=trace,{}=info", targets::LISTENER, targets::CONNECTION);
+/// assert_eq!(filter, "abyss::listener=trace,abyss::connection=info");
+/// ```
 pub mod targets {
     /// Listener-wide events, and the layers' drop decisions.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// assert_eq!(abyss_middleware::targets::LISTENER, "abyss::listener");
+    /// ```
     pub const LISTENER: &str = "abyss::listener";
     /// Per-datagram events.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// assert_eq!(abyss_middleware::targets::CONNECTION, "abyss::connection");
+    /// ```
     pub const CONNECTION: &str = "abyss::connection";
 }

@@ -29,9 +29,27 @@ use bytes::{Bytes, BytesMut};
 )]
 pub trait IntoReply {
     /// The bytes the reply would send; 0 for no reply.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::IntoReply;
+    ///
+    /// assert_eq!(String::from("pong").reply_len(), 4);
+    /// assert_eq!(None::<Vec<u8>>.reply_len(), 0);
+    /// ```
     fn reply_len(&self) -> usize;
 
     /// The reply payload, if any.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::IntoReply;
+    ///
+    /// assert_eq!(Some("pong").into_reply(), Some(bytes::Bytes::from_static(b"pong")));
+    /// assert_eq!(().into_reply(), None);
+    /// ```
     fn into_reply(self) -> Option<Bytes>;
 }
 

@@ -327,13 +327,13 @@ async fn towers_timeout_is_counted_as_timed_out() {
 
 #[tokio::test]
 async fn the_ip_filter_denies_before_it_allows_and_matches_mapped_ipv4() {
-    use abyss_middleware::IpFilter;
-    let filter = IpFilter::new()
+    use abyss_middleware::IpFilterLayer;
+    let filter = IpFilterLayer::new()
         .allow("192.0.2.0/24".parse().unwrap())
         .allow("2001:db8::/32".parse().unwrap())
         .deny("192.0.2.128/25".parse().unwrap());
     let mut service = tower::ServiceBuilder::new()
-        .layer(filter.layer())
+        .layer(filter)
         .service_fn(|_: Packet| async { Ok::<_, BoxError>(()) });
     for (peer, admitted) in [
         ("192.0.2.1:53", true),
@@ -407,4 +407,56 @@ async fn replies_over_three_times_the_request_to_unvalidated_peers_are_dropped()
         31,
         "a validated peer is not capped"
     );
+}
+
+#[test]
+fn adding_a_block_to_a_cloned_filter_leaves_the_original_as_it_was() {
+    use abyss_middleware::IpFilterLayer;
+    let open = IpFilterLayer::new();
+    let closed = open.clone().deny("0.0.0.0/0".parse().unwrap());
+    let peer = "192.0.2.1:53".parse().unwrap();
+    assert!(open.admits(peer));
+    assert!(!closed.admits(peer));
+}
+
+#[tokio::test]
+async fn every_service_gives_access_to_the_service_it_wraps() {
+    use abyss_middleware::{AmplificationGuardLayer, IpFilterLayer, TraceLayer};
+    use tower::Layer;
+
+    /// Checks `get_ref`, `get_mut` and `into_inner` of one service made by
+    /// `layer` around a `Vec`.
+    macro_rules! check {
+        ($layer:expr) => {{
+            let mut service = $layer.layer(vec![1]);
+            assert_eq!(service.get_ref(), &[1]);
+            service.get_mut().push(2);
+            assert_eq!(service.get_ref(), &[1, 2]);
+            assert_eq!(service.into_inner(), vec![1, 2]);
+        }};
+    }
+
+    let limiter = PeerRateLimiter::new(RateQuota::per_second(1)).unwrap();
+    check!(SizeLimitLayer::new(1));
+    check!(ConcurrencyShedLayer::new(1));
+    check!(limiter.layer());
+    check!(TraceLayer::new());
+    check!(IpFilterLayer::new());
+    check!(AmplificationGuardLayer::new(3));
+}
+
+#[test]
+fn a_rate_limit_error_names_the_part_at_fault() {
+    let error = PeerRateLimiter::new(RateQuota::per_second(10).with_burst(0)).unwrap_err();
+    assert_eq!(error.field, "burst");
+    assert_eq!(error.reason, "must be at least 1");
+    assert_eq!(
+        error.to_string(),
+        "invalid rate limit `burst`: must be at least 1"
+    );
+    let error = PeerRateLimiter::builder(RateQuota::per_second(10))
+        .max_tracked_peers(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field, "max_tracked_peers");
 }

@@ -31,11 +31,46 @@ use crate::Transport;
 pub trait Bind: Send + Sync + fmt::Debug + 'static {
     /// Opens `count` transports on `addr`. All of them must report the same
     /// [`Transport::local_addr`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Bind, UdpOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// // Port 0: the first socket picks a free port, the other three join it.
+    /// let group = UdpOptions::new().bind_group("127.0.0.1:0".parse().unwrap(), 4)?;
+    /// let addr = group[0].local_addr()?;
+    /// assert_ne!(addr.port(), 0);
+    /// for transport in &group {
+    ///     assert_eq!(transport.local_addr()?, addr);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     fn bind_group(&self, addr: SocketAddr, count: usize) -> io::Result<Vec<Arc<dyn Transport>>>;
 
     /// Opens one more transport in the group already bound on `addr` (whose
     /// port is known), to replace a member that failed. The default opens a
     /// group of one.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Bind, UdpOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let options = UdpOptions::new();
+    /// let mut group = options.bind_group("127.0.0.1:0".parse().unwrap(), 2)?;
+    /// let addr = group[0].local_addr()?;
+    /// // One member failed: replace it with a fresh socket on the same port.
+    /// group[1] = options.join_group(addr)?;
+    /// assert_eq!(group[1].local_addr()?, addr);
+    /// # Ok(())
+    /// # }
+    /// ```
     fn join_group(&self, addr: SocketAddr) -> io::Result<Arc<dyn Transport>> {
         self.bind_group(addr, 1)?
             .pop()

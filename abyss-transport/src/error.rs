@@ -2,6 +2,16 @@
 ///
 /// `field` names the option, as spelled by its [`UdpOptions`](crate::UdpOptions)
 /// method.
+///
+/// # Example
+///
+/// ```
+/// use abyss_transport::UdpOptions;
+///
+/// let error = UdpOptions::new().multicast_ttl_v4(300).validate().unwrap_err();
+/// assert_eq!(error.field, "multicast_ttl_v4");
+/// assert_eq!(error.reason, "300 is over 255");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid transport option `{field}`: {reason}")]
 #[non_exhaustive]

@@ -23,6 +23,13 @@
 //! A [`Bind`] opens a group of transports that share one local address, the
 //! way a listener pool shares one port with `SO_REUSEPORT`.
 //!
+//! `Arc<T>` and `Box<T>` of a transport are transports. A transport that
+//! wraps another one (to count, log or inject faults) returns it from
+//! [`Transport::inner`], and keeps its batching, GRO/GSO, drop counter and
+//! [`stop_receiving`](Transport::stop_receiving) without forwarding each
+//! method by hand: see [Wrapping a
+//! transport](Transport#wrapping-a-transport).
+//!
 //! # Example
 //!
 //! ```

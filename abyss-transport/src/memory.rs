@@ -72,18 +72,62 @@ impl fmt::Debug for MemoryNetwork {
 
 impl MemoryNetwork {
     /// An empty network.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{MemoryNetwork, Transport};
+    ///
+    /// let net = MemoryNetwork::new();
+    /// let first = net.bind("10.0.0.1:0".parse().unwrap())?;
+    /// assert_eq!(first.local_addr()?.port(), 49152, "ports are handed out in order");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Sets how many datagrams each endpoint bound from now on queues before
     /// it drops (default 1024).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::future::poll_fn;
+    /// use abyss_transport::{MemoryNetwork, Transmit, Transport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let net = MemoryNetwork::new();
+    /// net.set_queue_capacity(2);
+    /// let server = net.bind("10.0.0.1:53".parse().unwrap())?;
+    /// let client = net.bind("10.0.0.2:0".parse().unwrap())?;
+    /// let to = server.local_addr()?;
+    /// let burst = [Transmit::new(to, b"1"), Transmit::new(to, b"2"), Transmit::new(to, b"3")];
+    /// poll_fn(|cx| client.poll_send(cx, &burst)).await?;
+    /// assert_eq!(server.kernel_drops(), Some(1), "the third found the queue full");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn set_queue_capacity(&self, datagrams: usize) {
         self.lock().queue_capacity = Some(datagrams.max(1));
     }
 
     /// Binds one endpoint on `addr`; port 0 picks a free port. Fails with
     /// [`io::ErrorKind::AddrInUse`] if the address is taken.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{MemoryNetwork, Transport};
+    ///
+    /// let net = MemoryNetwork::new();
+    /// let server = net.bind("10.0.0.1:53".parse().unwrap())?;
+    /// assert_eq!(server.local_addr()?, "10.0.0.1:53".parse().unwrap());
+    /// let taken = net.bind("10.0.0.1:53".parse().unwrap()).unwrap_err();
+    /// assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn bind(&self, addr: SocketAddr) -> io::Result<MemoryTransport> {
         let mut registry = self.lock();
         registry.prune();
@@ -244,6 +288,40 @@ impl Endpoint {
 }
 
 /// One endpoint of a [`MemoryNetwork`].
+///
+/// It moves up to 32 datagrams per call, reports the address each datagram
+/// was sent to, counts the datagrams it drops for a full queue in
+/// [`kernel_drops`](Transport::kernel_drops), and leaves its group on
+/// [`stop_receiving`](Transport::stop_receiving).
+///
+/// # Example
+///
+/// ```
+/// use std::future::poll_fn;
+/// use std::io::IoSliceMut;
+/// use abyss_transport::{MemoryNetwork, RecvMeta, Transmit, Transport};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// let net = MemoryNetwork::new();
+/// let server = net.bind("0.0.0.0:53".parse().unwrap())?;
+/// let client = net.bind("10.0.0.2:0".parse().unwrap())?;
+/// let to = "10.0.0.1:53".parse().unwrap();
+/// poll_fn(|cx| client.poll_send(cx, &[Transmit::new(to, b"a"), Transmit::new(to, b"b")])).await?;
+///
+/// // Both come back in one batch, each with the address it was sent to.
+/// let mut storage = [[0u8; 8]; 4];
+/// let mut meta = [RecvMeta::default(); 4];
+/// let n = poll_fn(|cx| {
+///     let mut bufs = storage.each_mut().map(|b| IoSliceMut::new(b));
+///     server.poll_recv(cx, &mut bufs, &mut meta)
+/// })
+/// .await?;
+/// assert_eq!(n, 2);
+/// assert_eq!(meta[0].dst_ip, Some(to.ip()));
+/// # Ok(())
+/// # }
+/// ```
 pub struct MemoryTransport {
     net: MemoryNetwork,
     endpoint: Arc<Endpoint>,

@@ -24,6 +24,19 @@ const BATCH: usize = 32;
 
 /// An IPv4 multicast group to join, and the local interface address to join
 /// it on (`0.0.0.0` lets the system choose).
+///
+/// # Example
+///
+/// ```
+/// use std::net::Ipv4Addr;
+/// use abyss_transport::{MulticastV4, UdpOptions};
+///
+/// // SSDP on the interface with address 192.0.2.10.
+/// let ssdp = MulticastV4::new(Ipv4Addr::new(239, 255, 255, 250), Ipv4Addr::new(192, 0, 2, 10));
+/// assert!(ssdp.group.is_multicast());
+/// let options = UdpOptions::new().reuse_address(true).join_multicast_v4(ssdp);
+/// # let _ = options;
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct MulticastV4 {
@@ -35,6 +48,18 @@ pub struct MulticastV4 {
 
 impl MulticastV4 {
     /// Group `group` on the interface with address `interface`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::Ipv4Addr;
+    /// use abyss_transport::{MulticastV4, UdpOptions};
+    ///
+    /// // mDNS on whatever interface the system picks.
+    /// let mdns = MulticastV4::new(Ipv4Addr::new(224, 0, 0, 251), Ipv4Addr::UNSPECIFIED);
+    /// let options = UdpOptions::new().join_multicast_v4(mdns);
+    /// assert!(options.receives_group_traffic());
+    /// ```
     pub fn new(group: Ipv4Addr, interface: Ipv4Addr) -> Self {
         Self { group, interface }
     }
@@ -42,6 +67,18 @@ impl MulticastV4 {
 
 /// An IPv6 multicast group to join, and the index of the interface to join it
 /// on (0 lets the system choose).
+///
+/// # Example
+///
+/// ```
+/// use abyss_transport::{MulticastV6, UdpOptions};
+///
+/// // All DHCPv6 relay agents and servers, on interface index 2.
+/// let dhcp6 = MulticastV6::new("ff02::1:2".parse().unwrap(), 2);
+/// assert_eq!(dhcp6.interface, 2);
+/// let options = UdpOptions::new().join_multicast_v6(dhcp6);
+/// # let _ = options;
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct MulticastV6 {
@@ -53,6 +90,17 @@ pub struct MulticastV6 {
 
 impl MulticastV6 {
     /// Group `group` on the interface with index `interface`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::Ipv6Addr;
+    /// use abyss_transport::{MulticastV6, UdpOptions};
+    ///
+    /// // mDNS over IPv6 on the system's default interface (index 0).
+    /// let mdns = MulticastV6::new("ff02::fb".parse::<Ipv6Addr>().unwrap(), 0);
+    /// assert!(UdpOptions::new().join_multicast_v6(mdns).validate().is_ok());
+    /// ```
     pub fn new(group: Ipv6Addr, interface: u32) -> Self {
         Self { group, interface }
     }
@@ -114,6 +162,19 @@ impl Default for UdpOptions {
 impl UdpOptions {
     /// The defaults: a port of the group's own, GSO where the kernel has
     /// it, everything else as the system sets it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Bind, UdpOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let group = UdpOptions::new().bind_group("127.0.0.1:0".parse().unwrap(), 1)?;
+    /// assert_eq!(group.len(), 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new() -> Self {
         Self {
             reuse_address: false,
@@ -138,6 +199,16 @@ impl UdpOptions {
 
     /// `SO_REUSEADDR`: let other sockets bind the same address (mDNS and
     /// other multicast listeners share port 5353 this way). Default off.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// // Share port 5353 with other mDNS responders on the host.
+    /// let options = UdpOptions::new().reuse_address(true);
+    /// # let _ = options;
+    /// ```
     #[must_use]
     pub fn reuse_address(mut self, on: bool) -> Self {
         self.reuse_address = on;
@@ -154,6 +225,28 @@ impl UdpOptions {
     /// port no other socket holds. The group's own sockets still share the
     /// port (`SO_REUSEPORT` is set on the first one once it is bound), so
     /// a process that asks for sharing can still join it later.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Bind, UdpOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let mine = UdpOptions::new().bind_group("127.0.0.1:0".parse().unwrap(), 1)?;
+    /// let addr = mine[0].local_addr()?;
+    /// // The port is the group's own: a second group cannot bind it...
+    /// let error = UdpOptions::new().bind_group(addr, 1).unwrap_err();
+    /// assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+    ///
+    /// // ...while two groups that both share the port can.
+    /// let shared = UdpOptions::new().share_port(true);
+    /// let first = shared.bind_group("127.0.0.1:0".parse().unwrap(), 1)?;
+    /// let second = shared.bind_group(first[0].local_addr()?, 1)?;
+    /// assert_eq!(first[0].local_addr()?, second[0].local_addr()?);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn share_port(mut self, on: bool) -> Self {
         self.share_port = on;
@@ -161,6 +254,15 @@ impl UdpOptions {
     }
 
     /// Whether [`share_port`](UdpOptions::share_port) is on.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// assert!(!UdpOptions::new().shares_port());
+    /// assert!(UdpOptions::new().share_port(true).shares_port());
+    /// ```
     pub fn shares_port(&self) -> bool {
         self.share_port
     }
@@ -168,12 +270,31 @@ impl UdpOptions {
     /// Whether the options ask for broadcast or multicast datagrams
     /// (`broadcast`, or a multicast group to join), whose every copy
     /// reaches each socket bound to the port.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// assert!(!UdpOptions::new().receives_group_traffic());
+    /// assert!(UdpOptions::new().broadcast(true).receives_group_traffic());
+    /// ```
     pub fn receives_group_traffic(&self) -> bool {
         self.broadcast || !self.multicast_v4.is_empty() || !self.multicast_v6.is_empty()
     }
 
     /// `SO_BROADCAST`: allow sending to broadcast addresses (DHCP). Default
     /// off.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// // A DHCP server: receives and sends to 255.255.255.255.
+    /// let options = UdpOptions::new().broadcast(true).reuse_address(true);
+    /// assert!(options.receives_group_traffic());
+    /// ```
     #[must_use]
     pub fn broadcast(mut self, on: bool) -> Self {
         self.broadcast = on;
@@ -186,6 +307,23 @@ impl UdpOptions {
     /// socket bound to the port, `SO_REUSEPORT` group or not: a multicast
     /// server should run one listener, or each datagram is handled once per
     /// listener.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::Ipv4Addr;
+    /// use abyss_transport::{MulticastV4, UdpOptions};
+    ///
+    /// let options = UdpOptions::new()
+    ///     .reuse_address(true)
+    ///     .join_multicast_v4(MulticastV4::new(Ipv4Addr::new(224, 0, 0, 251), Ipv4Addr::UNSPECIFIED));
+    /// assert!(options.validate().is_ok());
+    ///
+    /// // Not a multicast address: refused before any socket is opened.
+    /// let wrong = UdpOptions::new()
+    ///     .join_multicast_v4(MulticastV4::new(Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::UNSPECIFIED));
+    /// assert_eq!(wrong.validate().unwrap_err().field, "join_multicast_v4");
+    /// ```
     #[must_use]
     pub fn join_multicast_v4(mut self, membership: MulticastV4) -> Self {
         self.multicast_v4.push(membership);
@@ -194,6 +332,17 @@ impl UdpOptions {
 
     /// Joins an IPv6 multicast group when the socket is opened (see
     /// [`join_multicast_v4`](UdpOptions::join_multicast_v4) on listeners).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{MulticastV6, UdpOptions};
+    ///
+    /// let options = UdpOptions::new()
+    ///     .only_v6(true)
+    ///     .join_multicast_v6(MulticastV6::new("ff02::fb".parse().unwrap(), 0));
+    /// assert!(options.validate().is_ok());
+    /// ```
     #[must_use]
     pub fn join_multicast_v6(mut self, membership: MulticastV6) -> Self {
         self.multicast_v6.push(membership);
@@ -202,6 +351,16 @@ impl UdpOptions {
 
     /// `IP_MULTICAST_LOOP`: whether multicast this socket sends is looped
     /// back to local listeners.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// // Do not hear our own announcements.
+    /// let options = UdpOptions::new().multicast_loop_v4(false);
+    /// # let _ = options;
+    /// ```
     #[must_use]
     pub fn multicast_loop_v4(mut self, on: bool) -> Self {
         self.multicast_loop_v4 = Some(on);
@@ -209,6 +368,15 @@ impl UdpOptions {
     }
 
     /// `IPV6_MULTICAST_LOOP`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// let options = UdpOptions::new().multicast_loop_v6(false);
+    /// # let _ = options;
+    /// ```
     #[must_use]
     pub fn multicast_loop_v6(mut self, on: bool) -> Self {
         self.multicast_loop_v6 = Some(on);
@@ -216,6 +384,16 @@ impl UdpOptions {
     }
 
     /// `IP_MULTICAST_TTL` (0 to 255).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// // mDNS sends with a TTL of 255.
+    /// assert!(UdpOptions::new().multicast_ttl_v4(255).validate().is_ok());
+    /// assert_eq!(UdpOptions::new().multicast_ttl_v4(256).validate().unwrap_err().field, "multicast_ttl_v4");
+    /// ```
     #[must_use]
     pub fn multicast_ttl_v4(mut self, ttl: u32) -> Self {
         self.multicast_ttl_v4 = Some(ttl);
@@ -223,6 +401,15 @@ impl UdpOptions {
     }
 
     /// `IPV6_MULTICAST_HOPS` (0 to 255).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// assert!(UdpOptions::new().multicast_hops_v6(255).validate().is_ok());
+    /// assert!(UdpOptions::new().multicast_hops_v6(1000).validate().is_err());
+    /// ```
     #[must_use]
     pub fn multicast_hops_v6(mut self, hops: u32) -> Self {
         self.multicast_hops_v6 = Some(hops);
@@ -231,6 +418,16 @@ impl UdpOptions {
 
     /// `IP_MULTICAST_IF`: the interface address multicast is sent from (the
     /// original's `multicast_if`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::Ipv4Addr;
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// let options = UdpOptions::new().multicast_if_v4(Ipv4Addr::new(192, 0, 2, 10));
+    /// # let _ = options;
+    /// ```
     #[must_use]
     pub fn multicast_if_v4(mut self, interface: Ipv4Addr) -> Self {
         self.multicast_if_v4 = Some(interface);
@@ -238,6 +435,15 @@ impl UdpOptions {
     }
 
     /// `IPV6_MULTICAST_IF`: the interface index multicast is sent from.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// let options = UdpOptions::new().multicast_if_v6(2); // interface index 2
+    /// # let _ = options;
+    /// ```
     #[must_use]
     pub fn multicast_if_v6(mut self, interface: u32) -> Self {
         self.multicast_if_v6 = Some(interface);
@@ -246,6 +452,22 @@ impl UdpOptions {
 
     /// `SO_RCVBUF` in bytes (the original's `recbuf`). The system may double
     /// or cap it (Linux: `net.core.rmem_max`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// // Room for bursts while the service is busy.
+    /// let options = UdpOptions::new().recv_buffer_size(4 << 20);
+    /// let transport = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &options)?;
+    /// # let _ = transport;
+    /// assert_eq!(UdpOptions::new().recv_buffer_size(0).validate().unwrap_err().field, "recv_buffer_size");
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn recv_buffer_size(mut self, bytes: usize) -> Self {
         self.recv_buffer_size = Some(bytes);
@@ -253,6 +475,15 @@ impl UdpOptions {
     }
 
     /// `SO_SNDBUF` in bytes (the original's `sndbuf`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// let options = UdpOptions::new().send_buffer_size(1 << 20);
+    /// assert!(options.validate().is_ok());
+    /// ```
     #[must_use]
     pub fn send_buffer_size(mut self, bytes: usize) -> Self {
         self.send_buffer_size = Some(bytes);
@@ -261,6 +492,16 @@ impl UdpOptions {
 
     /// `IPV6_V6ONLY`: for an IPv6 bind address, `false` makes the socket
     /// dual-stack (IPv4 peers appear as `::ffff:a.b.c.d`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// // One socket on [::] for IPv6 and IPv4 peers alike.
+    /// let dual_stack = UdpOptions::new().only_v6(false);
+    /// # let _ = dual_stack;
+    /// ```
     #[must_use]
     pub fn only_v6(mut self, on: bool) -> Self {
         self.only_v6 = Some(on);
@@ -269,6 +510,15 @@ impl UdpOptions {
 
     /// `SO_BINDTODEVICE` (Linux): receive and send only through the named
     /// interface. Needs `CAP_NET_RAW` on most kernels.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// assert!(UdpOptions::new().bind_device("eth0").validate().is_ok());
+    /// assert_eq!(UdpOptions::new().bind_device("").validate().unwrap_err().field, "bind_device");
+    /// ```
     #[must_use]
     pub fn bind_device(mut self, interface: impl Into<String>) -> Self {
         self.bind_device = Some(interface.into());
@@ -280,6 +530,21 @@ impl UdpOptions {
     /// [`RecvMeta::stride`]). Saves kernel work per datagram when peers send
     /// bursts; needs 64 KiB receive buffers, so a server reads fewer
     /// buffers per system call. Default off; ignored where unsupported.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Transport, UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let transport = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &UdpOptions::new().gro(true))?;
+    /// // Above 1 where the kernel coalesces; give such buffers 64 KiB.
+    /// let segments = transport.max_receive_segments();
+    /// # let _ = segments;
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn gro(mut self, on: bool) -> Self {
         self.gro = on;
@@ -289,6 +554,19 @@ impl UdpOptions {
     /// `UDP_SEGMENT` (Linux GSO): allow [`Transmit::segment_size`], so that
     /// several same-sized datagrams to one destination go down the stack as
     /// one. Default on where the kernel supports it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Transport, UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let transport = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &UdpOptions::new().gso(false))?;
+    /// assert_eq!(transport.max_transmit_segments(), 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn gso(mut self, on: bool) -> Self {
         self.gso = on;
@@ -296,6 +574,16 @@ impl UdpOptions {
     }
 
     /// Checks the options without opening a socket.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// let error = UdpOptions::new().send_buffer_size(0).validate().unwrap_err();
+    /// assert_eq!(error.field, "send_buffer_size");
+    /// assert_eq!(error.to_string(), "invalid transport option `send_buffer_size`: must not be 0");
+    /// ```
     pub fn validate(&self) -> Result<(), OptionsError> {
         if let Some(m) = self.multicast_v4.iter().find(|m| !m.group.is_multicast()) {
             return Err(OptionsError::new(
@@ -448,6 +736,34 @@ impl UdpOptions {
 /// other unix systems it reads and writes one datagram per call with
 /// `recvmsg`/`sendmsg` (truncation still detected), without destination
 /// addresses, GSO or GRO.
+///
+/// # Example
+///
+/// An echo of one datagram:
+///
+/// ```
+/// use std::future::poll_fn;
+/// use std::io::IoSliceMut;
+/// use abyss_transport::{RecvMeta, Transmit, Transport, UdpOptions, UdpTransport};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// let server = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &UdpOptions::new())?;
+/// let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+/// client.send_to(b"echo", server.local_addr()?).await?;
+///
+/// let mut buf = [0u8; 1500];
+/// let mut meta = [RecvMeta::default()];
+/// poll_fn(|cx| server.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta)).await?;
+/// let reply = Transmit::new(meta[0].peer, &buf[..meta[0].len]).with_src_ip(meta[0].local_ip);
+/// poll_fn(|cx| server.poll_send(cx, &[reply])).await?;
+///
+/// let mut back = [0u8; 16];
+/// let n = client.recv(&mut back).await?;
+/// assert_eq!(&back[..n], b"echo");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct UdpTransport {
     io: tokio::net::UdpSocket,
@@ -469,6 +785,24 @@ impl UdpTransport {
     /// inner error is an [`OptionsError`]; an address already taken gives
     /// [`io::ErrorKind::AddrInUse`] (unless
     /// [`share_port`](UdpOptions::share_port) and the holder shares too).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Transport, UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let transport = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &UdpOptions::new())?;
+    /// let taken = transport.local_addr()?;
+    /// let error = UdpTransport::bind(taken, &UdpOptions::new()).unwrap_err();
+    /// assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+    ///
+    /// let invalid = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &UdpOptions::new().recv_buffer_size(0));
+    /// assert_eq!(invalid.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn bind(addr: SocketAddr, options: &UdpOptions) -> io::Result<Self> {
         Self::from_socket(options.open(addr, options.share_port)?, options)
     }
@@ -482,6 +816,22 @@ impl UdpTransport {
     /// the kernel drop counter where the system has them.
     /// GSO is used where the kernel supports it; GRO is left as the socket
     /// has it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Transport, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// // A socket bound elsewhere (handed over by systemd, say).
+    /// let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    /// let addr = socket.local_addr()?;
+    /// let transport = UdpTransport::from_std(socket)?;
+    /// assert_eq!(transport.local_addr()?, addr);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn from_std(socket: std::net::UdpSocket) -> io::Result<Self> {
         let segments = imp::Segments::enable(&socket2::SockRef::from(&socket), false, true);
         Self::adopt(socket, segments)
@@ -503,30 +853,111 @@ impl UdpTransport {
     }
 
     /// Joins an IPv4 multicast group on a socket that is already open.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::Ipv4Addr;
+    /// use abyss_transport::{MulticastV4, UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let transport = UdpTransport::bind("0.0.0.0:0".parse().unwrap(), &UdpOptions::new())?;
+    /// let group = MulticastV4::new(Ipv4Addr::new(239, 255, 0, 1), Ipv4Addr::LOCALHOST);
+    /// // Fails on a host without multicast routes; fine either way here.
+    /// if transport.join_multicast_v4(group).is_ok() {
+    ///     transport.leave_multicast_v4(group)?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn join_multicast_v4(&self, membership: MulticastV4) -> io::Result<()> {
         self.io
             .join_multicast_v4(membership.group, membership.interface)
     }
 
     /// Leaves an IPv4 multicast group.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::Ipv4Addr;
+    /// use abyss_transport::{MulticastV4, UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let transport = UdpTransport::bind("0.0.0.0:0".parse().unwrap(), &UdpOptions::new())?;
+    /// let group = MulticastV4::new(Ipv4Addr::new(239, 255, 0, 2), Ipv4Addr::LOCALHOST);
+    /// // Leaving a group never joined fails.
+    /// assert!(transport.leave_multicast_v4(group).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn leave_multicast_v4(&self, membership: MulticastV4) -> io::Result<()> {
         self.io
             .leave_multicast_v4(membership.group, membership.interface)
     }
 
     /// Joins an IPv6 multicast group on a socket that is already open.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{MulticastV6, UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// # if std::net::UdpSocket::bind("[::1]:0").is_err() { return Ok(()); }
+    /// let transport = UdpTransport::bind("[::]:0".parse().unwrap(), &UdpOptions::new())?;
+    /// let group = MulticastV6::new("ff02::1:3".parse().unwrap(), 0);
+    /// // Fails on a host without IPv6 multicast; fine either way here.
+    /// if transport.join_multicast_v6(group).is_ok() {
+    ///     transport.leave_multicast_v6(group)?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn join_multicast_v6(&self, membership: MulticastV6) -> io::Result<()> {
         self.io
             .join_multicast_v6(&membership.group, membership.interface)
     }
 
     /// Leaves an IPv6 multicast group.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{MulticastV6, UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// # if std::net::UdpSocket::bind("[::1]:0").is_err() { return Ok(()); }
+    /// let transport = UdpTransport::bind("[::]:0".parse().unwrap(), &UdpOptions::new())?;
+    /// let group = MulticastV6::new("ff02::1:4".parse().unwrap(), 0);
+    /// assert!(transport.leave_multicast_v6(group).is_err(), "never joined");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn leave_multicast_v6(&self, membership: MulticastV6) -> io::Result<()> {
         self.io
             .leave_multicast_v6(&membership.group, membership.interface)
     }
 
     /// The tokio socket underneath, for options this type does not cover.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let transport = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &UdpOptions::new())?;
+    /// transport.as_tokio().set_ttl(16)?;
+    /// assert_eq!(transport.as_tokio().ttl()?, 16);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn as_tokio(&self) -> &tokio::net::UdpSocket {
         &self.io
     }

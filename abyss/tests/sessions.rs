@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use abyss::middleware::{DropReason, drop_reason};
-use abyss::session::{Context, Session, SessionService, Sessions, Step};
+use abyss::session::{Session, SessionContext, SessionService, Sessions, Step};
 use abyss::{BoxError, Request, SendHandle, Server};
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -58,21 +58,21 @@ impl Session for Probe {
         step.reply(self.count.to_string())
     }
 
-    async fn on_idle(&mut self, _context: &Context) -> Step {
+    async fn on_idle(&mut self, _context: &SessionContext) -> Step {
         self.note("idle");
         Step::close()
     }
 
-    async fn on_close(&mut self, context: &Context) {
+    async fn on_close(&mut self, context: &SessionContext) {
         assert_eq!(context.peer(), self.peer);
         self.note("close");
     }
 
-    async fn on_error(&mut self, error: &BoxError, _context: &Context) {
+    async fn on_error(&mut self, error: &BoxError, _context: &SessionContext) {
         self.note(&format!("error: {error}"));
     }
 
-    async fn on_shutdown(&mut self, _context: &Context) {
+    async fn on_shutdown(&mut self, _context: &SessionContext) {
         self.note("shutdown");
     }
 }
@@ -398,6 +398,24 @@ async fn shutdown_calls_every_live_sessions_hook_after_its_queue() {
     assert_eq!(h.alive.load(Ordering::SeqCst), 0);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_future_outlives_the_handle_it_came_from() {
+    let mut h = harness(|b| b);
+    h.reply(1, b"hello").await;
+    let shutdown = {
+        let sessions = h.sessions.clone();
+        let future = sessions.shutdown();
+        drop(sessions);
+        // Spawnable: owned, Send and 'static.
+        tokio::spawn(future)
+    };
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("every session ended within the patience")
+        .unwrap();
+    assert_eq!(h.sessions.stats().shut_down, 1);
+}
+
 #[tokio::test]
 async fn a_graceful_server_shutdown_ends_every_session_through_its_hook() {
     let h = harness(|b| b);
@@ -405,10 +423,7 @@ async fn a_graceful_server_shutdown_ends_every_session_through_its_hook() {
         .listeners(1)
         .on_shutdown({
             let sessions = h.sessions.clone();
-            move || {
-                let sessions = sessions.clone();
-                async move { sessions.shutdown().await }
-            }
+            move || sessions.shutdown()
         })
         .serve(h.service.clone())
         .await

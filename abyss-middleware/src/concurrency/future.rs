@@ -30,6 +30,24 @@ impl Drop for Permit {
 pin_project! {
     /// Response future of [`ConcurrencyShed`](super::ConcurrencyShed):
     /// holds the request's slot until it completes or is dropped.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::concurrency::ResponseFuture;
+    /// use abyss_middleware::ConcurrencyShedLayer;
+    /// use tower::{Layer, Service};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// type Inner = std::future::Ready<Result<&'static str, std::convert::Infallible>>;
+    /// let mut service = ConcurrencyShedLayer::new(8).layer(tower::service_fn(|_: ()| std::future::ready(Ok("done"))));
+    /// let future: ResponseFuture<Inner> = service.call(());
+    /// assert_eq!(service.in_flight(), 1, "the future holds a slot");
+    /// assert_eq!(future.await.unwrap(), "done");
+    /// assert_eq!(service.in_flight(), 0);
+    /// # }
+    /// ```
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]

@@ -30,6 +30,19 @@ pub struct ConcurrencyShedLayer {
 
 impl ConcurrencyShedLayer {
     /// At most `max` requests in flight.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ConcurrencyShedLayer;
+    /// use tower::Layer;
+    ///
+    /// let layer = ConcurrencyShedLayer::new(64);
+    /// // Each service the layer wraps has a counter of its own.
+    /// let a = layer.layer(());
+    /// let b = layer.layer(());
+    /// assert_eq!((a.in_flight(), b.in_flight()), (0, 0));
+    /// ```
     pub fn new(max: usize) -> Self {
         Self { max }
     }

@@ -1,6 +1,6 @@
 //! Drop datagrams while N requests are already in flight.
 //!
-//! tower's [`ConcurrencyLimit`](tower::limit::ConcurrencyLimit) makes
+//! tower's [`ConcurrencyLimit`] makes
 //! callers *wait* for a slot: its `poll_ready` is pending while the limit is
 //! reached. That is right for HTTP, where a connection can wait; for UDP,
 //! waiting means the server stops reading and the kernel drops at random
@@ -16,6 +16,21 @@
 //!
 //! The limit counts requests from `call` until their response future
 //! completes or is dropped.
+//!
+//! # Example
+//!
+//! ```
+//! use abyss_middleware::ConcurrencyShedLayer;
+//! use abyss_middleware::concurrency::ConcurrencyShed;
+//! use tower::ServiceBuilder;
+//!
+//! let service: ConcurrencyShed<_> = ServiceBuilder::new()
+//!     .layer(ConcurrencyShedLayer::new(256))
+//!     .service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
+//! assert_eq!(service.in_flight(), 0);
+//! ```
+//!
+//! [`ConcurrencyLimit`]: https://docs.rs/tower/0.5/tower/limit/concurrency/struct.ConcurrencyLimit.html
 
 mod future;
 mod layer;

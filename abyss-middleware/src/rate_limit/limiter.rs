@@ -31,6 +31,14 @@ pub(super) type Checker<K> = Arc<dyn Check<K>>;
 type KeyFn<K> = dyn Fn(SocketAddr) -> K + Send + Sync;
 
 /// The default for [`PeerRateLimiterBuilder::max_tracked_peers`].
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::rate_limit::DEFAULT_MAX_TRACKED_PEERS;
+///
+/// assert_eq!(DEFAULT_MAX_TRACKED_PEERS, 65_536);
+/// ```
 pub const DEFAULT_MAX_TRACKED_PEERS: usize = 65_536;
 
 /// Shared per-peer rate-limit state; see the [module docs](super).
@@ -85,6 +93,22 @@ impl<K> fmt::Debug for PeerRateLimiter<K> {
 }
 
 /// Counters of a [`PeerRateLimiter`].
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::{PeerRateLimiter, RateQuota};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let limiter = PeerRateLimiter::new(RateQuota::per_second(1)).unwrap();
+/// let peer = "192.0.2.1:5000".parse().unwrap();
+/// assert!(limiter.check(peer));
+/// assert!(!limiter.check(peer));
+/// let stats = limiter.stats();
+/// assert_eq!((stats.tracked_peers, stats.allowed, stats.limited), (1, 1, 1));
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RateLimitStats {
@@ -101,11 +125,40 @@ pub struct RateLimitStats {
 impl PeerRateLimiter<IpAddr> {
     /// A limiter with `quota`, keyed by peer IP (IPv4 /32, IPv6 /64),
     /// tracking at most 65 536 peers.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), abyss_middleware::RateLimitError> {
+    /// let limiter = PeerRateLimiter::new(RateQuota::per_second(100))?;
+    /// assert_eq!(limiter.quota(), RateQuota::per_second(100));
+    /// assert!(PeerRateLimiter::new(RateQuota::per_second(0)).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new(quota: RateQuota) -> Result<Self, RateLimitError> {
         Self::builder(quota).build()
     }
 
     /// A builder for the options.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let limiter = PeerRateLimiter::builder(RateQuota::per_second(10))
+    ///     .max_tracked_peers(1_000)
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = limiter;
+    /// # }
+    /// ```
     pub fn builder(quota: RateQuota) -> PeerRateLimiterBuilder<IpAddr> {
         PeerRateLimiterBuilder {
             quota,
@@ -118,6 +171,19 @@ impl PeerRateLimiter<IpAddr> {
 
 impl<K> PeerRateLimiter<K> {
     /// The quota in force.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let limiter = PeerRateLimiter::new(RateQuota::per_second(10)).unwrap();
+    /// limiter.set_quota(RateQuota::per_second(20)).unwrap();
+    /// assert_eq!(limiter.quota().max(), 20);
+    /// # }
+    /// ```
     pub fn quota(&self) -> RateQuota {
         self.shared
             .current
@@ -130,11 +196,50 @@ impl<K> PeerRateLimiter<K> {
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> PeerRateLimiter<K> {
     /// The layer that applies this limiter. Every service it wraps shares
     /// this limiter's table and quota.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    /// use tower::ServiceBuilder;
+    /// # #[derive(Debug)] struct Req;
+    /// # impl abyss_middleware::Datagram for Req {
+    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+    /// #     fn payload_len(&self) -> usize { 0 }
+    /// # }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let limiter = PeerRateLimiter::new(RateQuota::per_second(50)).unwrap();
+    /// let service = ServiceBuilder::new()
+    ///     .layer(limiter.layer())
+    ///     .service_fn(|_: Req| async { Ok::<_, std::convert::Infallible>(()) });
+    /// # let _ = service;
+    /// // Keep `limiter` to change the quota and read the counters while serving.
+    /// assert_eq!(limiter.stats().allowed, 0);
+    /// # }
+    /// ```
     pub fn layer(&self) -> PeerRateLimitLayer<K> {
         PeerRateLimitLayer::from_limiter(self.clone())
     }
 
     /// Counts one datagram from `peer` and says whether it may pass.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let limiter = PeerRateLimiter::new(RateQuota::per_second(1)).unwrap();
+    /// // Keyed by /64: two addresses of one IPv6 subnet share an allowance.
+    /// assert!(limiter.check("[2001:db8::1]:1000".parse().unwrap()));
+    /// assert!(!limiter.check("[2001:db8::2]:1000".parse().unwrap()));
+    /// assert!(limiter.check("[2001:db8:0:1::1]:1000".parse().unwrap()));
+    /// # }
+    /// ```
     pub fn check(&self, peer: SocketAddr) -> bool {
         let key = (self.shared.key)(peer);
         self.governor().1.check(&key)
@@ -143,6 +248,25 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> PeerRateLimiter<K> {
     /// Replaces the quota while serving. Every peer starts afresh under the
     /// new quota, with a full burst: a debt counted in the old quota's
     /// intervals would mean something else in the new one.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let limiter = PeerRateLimiter::new(RateQuota::per_second(1)).unwrap();
+    /// let peer = "192.0.2.1:5000".parse().unwrap();
+    /// assert!(limiter.check(peer));
+    /// assert!(!limiter.check(peer));
+    ///
+    /// limiter.set_quota(RateQuota::per_second(5)).unwrap();
+    /// assert!(limiter.check(peer), "every peer starts afresh");
+    /// assert_eq!(limiter.set_quota(RateQuota::per_second(0)).unwrap_err().field, "max");
+    /// assert_eq!(limiter.quota().max(), 5, "a refused quota changes nothing");
+    /// # }
+    /// ```
     pub fn set_quota(&self, quota: RateQuota) -> Result<(), RateLimitError> {
         let governor: Checker<K> = Arc::new(self.shared.build_governor(quota)?);
         let mut current = self
@@ -157,6 +281,20 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> PeerRateLimiter<K> {
     }
 
     /// The counters.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let limiter = PeerRateLimiter::new(RateQuota::per_second(100)).unwrap();
+    /// limiter.check("192.0.2.1:1".parse().unwrap());
+    /// limiter.check("192.0.2.2:1".parse().unwrap());
+    /// assert_eq!(limiter.stats().tracked_peers, 2);
+    /// # }
+    /// ```
     pub fn stats(&self) -> RateLimitStats {
         let totals = self.shared.table.totals();
         RateLimitStats {
@@ -169,6 +307,25 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> PeerRateLimiter<K> {
 
     /// Drops every peer whose allowance has fully refilled. The table does
     /// this by itself when it is full; call it to give memory back sooner.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limiter = PeerRateLimiter::new(RateQuota::per_second(10)).unwrap();
+    /// limiter.check("192.0.2.1:1".parse().unwrap());
+    /// assert_eq!(limiter.stats().tracked_peers, 1);
+    ///
+    /// tokio::time::advance(Duration::from_secs(1)).await; // its allowance refilled
+    /// limiter.evict_idle();
+    /// assert_eq!(limiter.stats().tracked_peers, 0);
+    /// assert_eq!(limiter.stats().evicted, 1);
+    /// # }
+    /// ```
     pub fn evict_idle(&self) {
         self.shared.table.evict_idle();
     }
@@ -246,12 +403,41 @@ impl<K> fmt::Debug for PeerRateLimiterBuilder<K> {
 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> PeerRateLimiterBuilder<K> {
     /// How many keys the table holds at most (default 65 536).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let small = PeerRateLimiter::builder(RateQuota::per_second(10)).max_tracked_peers(1024).build();
+    /// assert!(small.is_ok());
+    /// let none = PeerRateLimiter::builder(RateQuota::per_second(10)).max_tracked_peers(0).build();
+    /// assert_eq!(none.unwrap_err().field, "max_tracked_peers");
+    /// # }
+    /// ```
     pub fn max_tracked_peers(mut self, peers: usize) -> Self {
         self.max_tracked_peers = peers;
         self
     }
 
     /// Builds the limiter, checking every option.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let error = PeerRateLimiter::builder(RateQuota::per_second(10))
+    ///     .prefixes(33, 64)
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(error.field, "prefix_v4");
+    /// # }
+    /// ```
     pub fn build(self) -> Result<PeerRateLimiter<K>, RateLimitError> {
         if self.max_tracked_peers == 0 {
             return Err(RateLimitError::new(
@@ -290,6 +476,23 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> PeerRateLimiterBuilder<K> {
 impl PeerRateLimiterBuilder<IpAddr> {
     /// Keys peers by their address cut to `v4` bits (0 to 32, default 32)
     /// or `v6` bits (0 to 128, default 64).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // A whole /24 shares one allowance.
+    /// let limiter = PeerRateLimiter::builder(RateQuota::per_second(1))
+    ///     .prefixes(24, 48)
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(limiter.check("198.51.100.1:1".parse().unwrap()));
+    /// assert!(!limiter.check("198.51.100.200:1".parse().unwrap()));
+    /// # }
+    /// ```
     pub fn prefixes(mut self, v4: u8, v6: u8) -> Self {
         self.prefixes = (v4, v6);
         self.key = prefix_key(v4, v6);
@@ -297,6 +500,24 @@ impl PeerRateLimiterBuilder<IpAddr> {
     }
 
     /// Keys peers by `key(peer_address)` instead of by IP prefix.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // One allowance per address and port.
+    /// let limiter = PeerRateLimiter::builder(RateQuota::per_second(1))
+    ///     .with_key(|peer| peer)
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(limiter.check("127.0.0.1:1000".parse().unwrap()));
+    /// assert!(limiter.check("127.0.0.1:1001".parse().unwrap()));
+    /// assert!(!limiter.check("127.0.0.1:1000".parse().unwrap()));
+    /// # }
+    /// ```
     pub fn with_key<K2, F>(self, key: F) -> PeerRateLimiterBuilder<K2>
     where
         F: Fn(SocketAddr) -> K2 + Send + Sync + 'static,

@@ -43,6 +43,33 @@
 //! ([`DropReason::RateLimited`](crate::DropReason::RateLimited)), get no
 //! reply, and are traced as `rate_limit_exceeded` (target
 //! `abyss::listener`, with the peer).
+//!
+//! # Example
+//!
+//! ```
+//! use abyss_middleware::{PeerRateLimiter, RateQuota};
+//! use tower::ServiceBuilder;
+//! # #[derive(Debug)] struct Req;
+//! # impl abyss_middleware::Datagram for Req {
+//! #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+//! #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+//! #     fn payload_len(&self) -> usize { 0 }
+//! # }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // 20 a second per /32 or /64, bursts of 40.
+//! let limiter = PeerRateLimiter::new(RateQuota::per_second(20).with_burst(40)).unwrap();
+//! let service = ServiceBuilder::new()
+//!     .layer(limiter.layer())
+//!     .service_fn(|_: Req| async { Ok::<_, std::convert::Infallible>(()) });
+//! # let _ = service;
+//!
+//! // Later, while serving:
+//! limiter.set_quota(RateQuota::per_second(5)).unwrap();
+//! println!("{} peers tracked", limiter.stats().tracked_peers);
+//! # }
+//! ```
 
 mod layer;
 mod limiter;
@@ -50,6 +77,7 @@ mod quota;
 mod service;
 mod table;
 
+pub use crate::future::ResponseFuture;
 pub use layer::PeerRateLimitLayer;
 pub use limiter::{
     DEFAULT_MAX_TRACKED_PEERS, PeerRateLimiter, PeerRateLimiterBuilder, RateLimitStats,

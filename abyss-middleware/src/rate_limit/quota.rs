@@ -26,6 +26,17 @@ pub struct RateQuota {
 }
 
 /// Why a rate limiter cannot be built: a bad [`RateQuota`] or option.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use abyss_middleware::{PeerRateLimiter, RateQuota};
+///
+/// let error = PeerRateLimiter::new(RateQuota::new(10, Duration::ZERO)).unwrap_err();
+/// assert_eq!(error.field, "window");
+/// assert_eq!(error.to_string(), "invalid rate limit `window`: must be at least 1 ns per datagram");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RateLimitError {
@@ -51,10 +62,38 @@ impl RateLimitError {
             reason: reason.to_owned(),
         }
     }
+
+    /// What is wrong, naming the part at fault as a part of `option`: the
+    /// reason to give when the quota was set by an option of that name
+    /// (`abyss`'s `Builder::rate_limit` gives
+    /// `rate_limit.burst: must be at least 1`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{PeerRateLimiter, RateQuota};
+    ///
+    /// let error = PeerRateLimiter::new(RateQuota::per_second(10).with_burst(0)).unwrap_err();
+    /// assert_eq!(error.qualified_reason("rate_limit"), "rate_limit.burst: must be at least 1");
+    /// ```
+    pub fn qualified_reason(&self, option: &str) -> String {
+        format!("{option}.{}: {}", self.field, self.reason)
+    }
 }
 
 impl RateQuota {
     /// `max` datagrams per `window`, with a burst of `max`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss_middleware::RateQuota;
+    ///
+    /// // 30 datagrams a minute: one every 2 s, or 30 at once after a quiet minute.
+    /// let quota = RateQuota::new(30, Duration::from_secs(60));
+    /// assert_eq!((quota.max(), quota.window(), quota.burst()), (30, Duration::from_secs(60), 30));
+    /// ```
     pub fn new(max: u32, window: Duration) -> Self {
         Self {
             max,
@@ -64,12 +103,31 @@ impl RateQuota {
     }
 
     /// `max` datagrams per second, with a burst of `max`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss_middleware::RateQuota;
+    ///
+    /// assert_eq!(RateQuota::per_second(10), RateQuota::new(10, Duration::from_secs(1)));
+    /// ```
     pub fn per_second(max: u32) -> Self {
         Self::new(max, Duration::from_secs(1))
     }
 
     /// Sets the burst: how many datagrams a peer that has been quiet may send
     /// at once.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::RateQuota;
+    ///
+    /// // 10 per second on average, but never more than 2 at once.
+    /// let smooth = RateQuota::per_second(10).with_burst(2);
+    /// assert_eq!(smooth.burst(), 2);
+    /// ```
     #[must_use]
     pub fn with_burst(mut self, burst: u32) -> Self {
         self.burst = burst;
@@ -77,16 +135,41 @@ impl RateQuota {
     }
 
     /// Datagrams per window.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::RateQuota;
+    ///
+    /// assert_eq!(RateQuota::per_second(10).max(), 10);
+    /// ```
     pub fn max(&self) -> u32 {
         self.max
     }
 
     /// The window.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss_middleware::RateQuota;
+    ///
+    /// assert_eq!(RateQuota::per_second(10).window(), Duration::from_secs(1));
+    /// ```
     pub fn window(&self) -> Duration {
         self.window
     }
 
     /// The burst.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::RateQuota;
+    ///
+    /// assert_eq!(RateQuota::per_second(10).burst(), 10, "the burst is max unless set");
+    /// ```
     pub fn burst(&self) -> u32 {
         self.burst
     }

@@ -29,6 +29,16 @@ pub struct SizeLimitLayer {
 impl SizeLimitLayer {
     /// Payloads of more than `max_bytes` are dropped; `max_bytes` itself
     /// passes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::SizeLimitLayer;
+    /// use tower::Layer;
+    ///
+    /// let service = SizeLimitLayer::new(1232).layer(());
+    /// assert_eq!(service.max_bytes(), 1232);
+    /// ```
     pub fn new(max_bytes: usize) -> Self {
         Self { max_bytes }
     }

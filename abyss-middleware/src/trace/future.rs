@@ -12,6 +12,28 @@ use super::{OnFailure, OnReply};
 pin_project! {
     /// Response future of [`Trace`](super::Trace): polls the inner future
     /// inside the datagram's span and calls the reply or failure hook.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::TraceLayer;
+    /// use abyss_middleware::trace::{DefaultOnFailure, DefaultOnReply, ResponseFuture};
+    /// use tower::{Layer, Service};
+    /// # #[derive(Debug)] struct Req;
+    /// # impl abyss_middleware::Datagram for Req {
+    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+    /// #     fn payload_len(&self) -> usize { 0 }
+    /// # }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// type Inner = std::future::Ready<Result<&'static str, std::convert::Infallible>>;
+    /// let mut service = TraceLayer::new().layer(tower::service_fn(|_: Req| std::future::ready(Ok("pong"))));
+    /// let future: ResponseFuture<Inner, DefaultOnReply, DefaultOnFailure> = service.call(Req);
+    /// assert_eq!(future.await.unwrap(), "pong");
+    /// # }
+    /// ```
     #[derive(Debug)]
     pub struct ResponseFuture<F, Rep, Fail> {
         #[pin]

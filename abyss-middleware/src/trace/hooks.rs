@@ -7,8 +7,52 @@ use crate::targets::CONNECTION;
 use crate::{Datagram, drop_reason};
 
 /// Makes the span a datagram is handled in.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::TraceLayer;
+/// use abyss_middleware::trace::MakeSpan;
+/// use tracing::Span;
+/// # #[derive(Debug)] struct Req;
+/// # impl abyss_middleware::Datagram for Req {
+/// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+/// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+/// #     fn payload_len(&self) -> usize { 0 }
+/// # }
+///
+/// /// A span named after the protocol, at INFO.
+/// #[derive(Clone)]
+/// struct Dns;
+///
+/// impl MakeSpan<Req> for Dns {
+///     fn make_span(&mut self, request: &Req) -> Span {
+///         use abyss_middleware::Datagram;
+///         tracing::info_span!("dns", peer = %request.peer())
+///     }
+/// }
+///
+/// let layer = TraceLayer::new().make_span_with(Dns);
+/// # let _ = layer;
+/// ```
 pub trait MakeSpan<R> {
     /// The span for `request`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::Datagram;
+    /// use abyss_middleware::trace::{DefaultMakeSpan, MakeSpan};
+    /// # #[derive(Debug)] struct Req;
+    /// # impl abyss_middleware::Datagram for Req {
+    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+    /// #     fn payload_len(&self) -> usize { 0 }
+    /// # }
+    ///
+    /// let span = DefaultMakeSpan::new().make_span(&Req);
+    /// # let _ = span;
+    /// ```
     fn make_span(&mut self, request: &R) -> Span;
 }
 
@@ -19,8 +63,42 @@ impl<R, F: FnMut(&R) -> Span> MakeSpan<R> for F {
 }
 
 /// Called when a datagram reaches the layer, inside its span.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::TraceLayer;
+/// use tracing::Span;
+/// # #[derive(Debug)] struct Req;
+/// # impl abyss_middleware::Datagram for Req {
+/// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+/// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+/// #     fn payload_len(&self) -> usize { 0 }
+/// # }
+///
+/// let layer = TraceLayer::new().on_request(|_: &Req, _: &Span| tracing::trace!("datagram in"));
+/// # let _ = layer;
+/// ```
 pub trait OnRequest<R> {
     /// Called with the request, before the inner service sees it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::trace::OnRequest;
+    /// use tracing::Span;
+    /// # #[derive(Debug)] struct Req;
+    /// # impl abyss_middleware::Datagram for Req {
+    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+    /// #     fn payload_len(&self) -> usize { 0 }
+    /// # }
+    ///
+    /// let mut seen = 0;
+    /// let mut count = |_: &Req, _: &Span| seen += 1;
+    /// count.on_request(&Req, &Span::none());
+    /// assert_eq!(seen, 1);
+    /// ```
     fn on_request(&mut self, request: &R, span: &Span);
 }
 
@@ -35,8 +113,34 @@ impl<R> OnRequest<R> for () {
 }
 
 /// Called when the inner service answers, inside the datagram's span.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use abyss_middleware::TraceLayer;
+/// use tracing::Span;
+///
+/// // Log the reply size of a service answering `Option<Bytes>`.
+/// let layer = TraceLayer::new().on_reply(|reply: &Option<bytes::Bytes>, latency: Duration, _: &Span| {
+///     let len = reply.as_ref().map_or(0, |r| r.len());
+///     tracing::info!(len, latency_us = latency.as_micros() as u64, "answered");
+/// });
+/// # let _ = layer;
+/// ```
 pub trait OnReply<T> {
     /// Called with the response and how long it took.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss_middleware::trace::OnReply;
+    /// use tracing::Span;
+    ///
+    /// let hook = |reply: &&str, latency: Duration, _: &Span| assert_eq!((*reply, latency.as_millis()), ("ok", 3));
+    /// hook.on_reply(&"ok", Duration::from_millis(3), &Span::none());
+    /// ```
     fn on_reply(self, response: &T, latency: Duration, span: &Span);
 }
 
@@ -51,8 +155,36 @@ impl<T> OnReply<T> for () {
 }
 
 /// Called when the inner service fails, inside the datagram's span.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use abyss_middleware::{TraceLayer, drop_reason};
+/// use tracing::Span;
+///
+/// // Count drops by reason, log other errors at ERROR.
+/// let layer = TraceLayer::new().on_failure(|error: &tower::BoxError, _: Duration, _: &Span| {
+///     match drop_reason(&**error) {
+///         Some(reason) => tracing::debug!(reason = reason.as_str(), "dropped"),
+///         None => tracing::error!(%error, "handler failed"),
+///     }
+/// });
+/// # let _ = layer;
+/// ```
 pub trait OnFailure {
     /// Called with the error and how long it took.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss_middleware::trace::{DefaultOnFailure, OnFailure};
+    /// use tracing::Span;
+    ///
+    /// let error: tower::BoxError = "boom".into();
+    /// DefaultOnFailure.on_failure(&error, Duration::from_millis(1), &Span::none()); // logs at WARN
+    /// ```
     fn on_failure(self, error: &BoxError, latency: Duration, span: &Span);
 }
 
@@ -68,6 +200,17 @@ impl OnFailure for () {
 
 /// The default span: `datagram` with `peer`, `local` and `len`, at `DEBUG`
 /// unless set otherwise.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::TraceLayer;
+/// use abyss_middleware::trace::DefaultMakeSpan;
+/// use tracing::Level;
+///
+/// let layer = TraceLayer::new().make_span_with(DefaultMakeSpan::new().level(Level::INFO));
+/// # let _ = layer;
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct DefaultMakeSpan {
     level: Level,
@@ -81,6 +224,15 @@ impl Default for DefaultMakeSpan {
 
 impl DefaultMakeSpan {
     /// Spans at `DEBUG`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::trace::DefaultMakeSpan;
+    ///
+    /// let make_span = DefaultMakeSpan::new(); // `datagram` spans at DEBUG
+    /// # let _ = make_span;
+    /// ```
     pub fn new() -> Self {
         Self {
             level: Level::DEBUG,
@@ -88,6 +240,16 @@ impl DefaultMakeSpan {
     }
 
     /// Spans at `level`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::trace::DefaultMakeSpan;
+    ///
+    /// // Spans visible with RUST_LOG=info.
+    /// let make_span = DefaultMakeSpan::new().level(tracing::Level::INFO);
+    /// # let _ = make_span;
+    /// ```
     pub fn level(mut self, level: Level) -> Self {
         self.level = level;
         self
@@ -113,6 +275,17 @@ impl<R: Datagram> MakeSpan<R> for DefaultMakeSpan {
 }
 
 /// Logs nothing; the span itself marks the request.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::TraceLayer;
+/// use abyss_middleware::trace::DefaultOnRequest;
+///
+/// // What `TraceLayer::new()` uses; `()` does the same.
+/// let layer = TraceLayer::new().on_request(DefaultOnRequest);
+/// # let _ = layer;
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultOnRequest;
 
@@ -121,6 +294,16 @@ impl<R> OnRequest<R> for DefaultOnRequest {
 }
 
 /// Logs `reply` with `latency_us` at `DEBUG`.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::TraceLayer;
+///
+/// // Keep the span, drop the `reply` event.
+/// let quiet = TraceLayer::new().on_reply(());
+/// # let _ = quiet;
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultOnReply;
 
@@ -132,6 +315,16 @@ impl<T> OnReply<T> for DefaultOnReply {
 
 /// Logs `dropped` with the reason at `DEBUG` for a layer's drop decision,
 /// and `failed` with the error at `WARN` for anything else.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::TraceLayer;
+/// use abyss_middleware::trace::DefaultOnFailure;
+///
+/// let layer = TraceLayer::new().on_failure(DefaultOnFailure);
+/// # let _ = layer;
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultOnFailure;
 

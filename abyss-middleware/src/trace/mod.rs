@@ -12,6 +12,30 @@
 //!
 //! Everything the inner service does is inside the span, so a handler's own
 //! events carry the peer.
+//!
+//! # Example
+//!
+//! ```
+//! use abyss_middleware::TraceLayer;
+//! use abyss_middleware::trace::DefaultMakeSpan;
+//! use tower::ServiceBuilder;
+//! # #[derive(Debug)] struct Req;
+//! # impl abyss_middleware::Datagram for Req {
+//! #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+//! #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+//! #     fn payload_len(&self) -> usize { 0 }
+//! # }
+//!
+//! // `datagram` spans at INFO, replies not logged, failures as by default.
+//! let service = ServiceBuilder::new()
+//!     .layer(
+//!         TraceLayer::new()
+//!             .make_span_with(DefaultMakeSpan::new().level(tracing::Level::INFO))
+//!             .on_reply(()),
+//!     )
+//!     .service_fn(|_: Req| async { Ok::<_, std::convert::Infallible>(()) });
+//! # let _ = service;
+//! ```
 
 mod future;
 mod hooks;

@@ -10,6 +10,30 @@ use super::{
 
 /// Runs each request in its own span, calling the hooks; see the
 /// [module docs](super).
+///
+/// Made by [`TraceLayer`](super::TraceLayer).
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::TraceLayer;
+/// use tower::{Layer, Service, ServiceExt};
+/// # #[derive(Debug)] struct Req;
+/// # impl abyss_middleware::Datagram for Req {
+/// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+/// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+/// #     fn payload_len(&self) -> usize { 0 }
+/// # }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let mut service = TraceLayer::new().layer(tower::service_fn(|_: Req| async {
+///     tracing::info!("inside the datagram's span, with its peer");
+///     Ok::<_, std::convert::Infallible>("pong")
+/// }));
+/// assert_eq!(service.ready().await.unwrap().call(Req).await.unwrap(), "pong");
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Trace<
     S,
@@ -23,6 +47,54 @@ pub struct Trace<
     pub(super) on_request: Req,
     pub(super) on_reply: Rep,
     pub(super) on_failure: Fail,
+}
+
+impl<S, M, Req, Rep, Fail> Trace<S, M, Req, Rep, Fail> {
+    /// The wrapped service.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::TraceLayer;
+    /// use tower::Layer;
+    ///
+    /// let service = TraceLayer::new().layer(String::from("inner"));
+    /// assert_eq!(service.get_ref(), "inner");
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::TraceLayer;
+    /// use tower::Layer;
+    ///
+    /// let mut service = TraceLayer::new().layer(vec![1]);
+    /// service.get_mut().push(2);
+    /// assert_eq!(service.get_ref(), &[1, 2]);
+    /// ```
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the service.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::TraceLayer;
+    /// use tower::Layer;
+    ///
+    /// let service = TraceLayer::new().layer(String::from("inner"));
+    /// assert_eq!(service.into_inner(), "inner");
+    /// ```
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S, R, M, Req, Rep, Fail> Service<R> for Trace<S, M, Req, Rep, Fail>

@@ -170,8 +170,7 @@ impl fmt::Debug for ServerHandle {
 
 impl ServerHandle {
     pub(crate) fn start(config: Config, spawn: Spawn) -> Result<Self, Error> {
-        let counters: Arc<[Counters]> =
-            (0..config.listeners).map(|_| Counters::default()).collect();
+        let counters = Counters::for_server(config.listeners, config.name.as_deref());
         let inner = Arc::new(Inner {
             local: Mutex::new(config.addr),
             config,

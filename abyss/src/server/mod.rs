@@ -2,6 +2,7 @@
 
 mod handle;
 mod listener;
+pub(crate) mod metrics;
 mod policy;
 mod stats;
 
@@ -556,7 +557,7 @@ impl Builder {
             Some(RateLimitOption::Limiter(limiter)) => Some(limiter.clone()),
             Some(RateLimitOption::Quota(quota)) => Some(
                 PeerRateLimiter::new(*quota)
-                    .map_err(|e| Error::config("rate_limit", e.to_string()))?,
+                    .map_err(|e| Error::config("rate_limit", e.qualified_reason("rate_limit")))?,
             ),
         };
         Ok(Config {

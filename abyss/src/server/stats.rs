@@ -19,6 +19,61 @@ use crate::middleware::DropReason;
 ///
 /// (for broadcast and multicast, see `group_copies_skipped`). Counters
 /// survive suspend/resume and only grow.
+///
+/// # Metrics
+///
+/// With the `metrics` feature, every server publishes these counts to the
+/// [`metrics`](https://docs.rs/metrics) facade, with HELP text and units.
+/// Every series has the label `server`: the server's
+/// [`Builder::name`](crate::Builder::name), or else the address its first
+/// socket was bound to (`127.0.0.1:5353`).
+///
+/// | metric | type, unit | counts |
+/// | --- | --- | --- |
+/// | `abyss_datagrams_received_total` | counter | `received` |
+/// | `abyss_received_bytes_total` | counter, bytes | `bytes_received` |
+/// | `abyss_sent_bytes_total` | counter, bytes | `bytes_sent` |
+/// | `abyss_datagrams_total{outcome}` | counter | `replied`, `no_reply` and each reason of `dropped` (`truncated`, `too_large`, `rate_limited`, `timed_out`, `overloaded`, `amplification`, `denied`, `handler_error`, `panicked`, `refused_destination`, `send_failed`, `aborted`) |
+/// | `abyss_in_flight` | gauge | `in_flight` |
+/// | `abyss_receive_errors_total` | counter | `receive_errors` |
+/// | `abyss_reads_paused_total` | counter | `reads_paused` |
+/// | `abyss_kernel_drops_total` | counter | `kernel_drops`; no series where the system does not report them |
+/// | `abyss_unread_at_close_total` | counter | `unread_at_close` |
+/// | `abyss_group_copies_skipped_total` | counter | `group_copies_skipped` |
+/// | `abyss_handling_seconds` | histogram, seconds | each datagram's time from receipt to outcome |
+///
+/// A [`Sessions`](crate::session::Sessions) table publishes its
+/// [`SessionStats`](crate::session::SessionStats) the same way, with the
+/// label `sessions`: its
+/// [`SessionsBuilder::name`](crate::session::SessionsBuilder::name), or
+/// else its number in the process (`1` for the first table built).
+///
+/// | metric | type | counts |
+/// | --- | --- | --- |
+/// | `abyss_sessions_live` | gauge | `live` |
+/// | `abyss_sessions_created_total` | counter | `created` |
+/// | `abyss_sessions_ended_total{reason}` | counter | `closed`, `failed`, `panicked`, `shut_down` |
+/// | `abyss_sessions_idle_timeouts_total` | counter | `timed_out` |
+/// | `abyss_sessions_dropped_datagrams_total{reason}` | counter | `refused`, `queue_full` |
+///
+/// **A recorder installed before or after `serve()` gets the same
+/// counts.** They are not fed to the facade datagram by datagram: each
+/// listener counts in its own atomics (the ones this snapshot reads), and a
+/// task of the server's, on the runtime it was started on, publishes their
+/// totals every second and whenever a socket opens or closes, resolving
+/// every handle from the recorder installed at that moment and setting it
+/// (`Counter::absolute`, `Gauge::set`). So a recorder installed late gets
+/// the counts since the start; a scrape is at most a second behind (less
+/// than usual scrape intervals); and handling a datagram writes no atomic that
+/// listeners on other cores share, and allocates nothing. The one
+/// exception is the histogram: samples cannot be replayed, so each
+/// listener records into a handle its server refreshes every second, and a
+/// recorder installed late gets the handling times from then on.
+///
+/// Series are per label, for the life of the process: two running servers
+/// given the same name add up (a warning says so), and a server started
+/// again under the name of one that stopped goes on from its counts, as
+/// a counter in one process should.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -202,6 +257,25 @@ impl Outcome {
         "denied",
     ];
 
+    /// Every counted outcome, by [`Outcome::index`].
+    #[cfg(test)]
+    pub(crate) const ALL: [Outcome; Self::COUNT] = [
+        Outcome::Replied,
+        Outcome::NoReply,
+        Outcome::Truncated,
+        Outcome::HandlerError,
+        Outcome::Panicked,
+        Outcome::RefusedDestination,
+        Outcome::SendFailed,
+        Outcome::Aborted,
+        Outcome::Layer(DropReason::TooLarge),
+        Outcome::Layer(DropReason::RateLimited),
+        Outcome::Layer(DropReason::TimedOut),
+        Outcome::Layer(DropReason::Overloaded),
+        Outcome::Layer(DropReason::Amplification),
+        Outcome::Layer(DropReason::Denied),
+    ];
+
     /// The slot this outcome is counted in. `DropReason` is non_exhaustive:
     /// a reason this driver does not know yet counts as a policy drop.
     pub(crate) fn index(self) -> usize {
@@ -259,16 +333,52 @@ pub(crate) struct Counters {
     kernel_drops_known: AtomicBool,
     /// The socket now in use, asked for its kernel drops at each snapshot.
     transport: std::sync::Mutex<Option<std::sync::Weak<dyn crate::transport::Transport>>>,
+    /// The server's label and where handling times go; the counts above
+    /// are published from a task of the server's (see `super::metrics`).
     #[cfg(feature = "metrics")]
-    metrics: metrics_export::Handles,
+    metrics: super::metrics::Listener,
+}
+
+/// What a listener counted is kept in its server's series when it goes.
+#[cfg(feature = "metrics")]
+impl Drop for Counters {
+    fn drop(&mut self) {
+        self.metrics.retire(self);
+    }
 }
 
 impl Counters {
+    /// The counters of a server's `listeners`, whose metrics (feature
+    /// `metrics`) carry the label `name`, or else the server's address.
+    pub(crate) fn for_server(listeners: usize, name: Option<&str>) -> std::sync::Arc<[Counters]> {
+        #[cfg(feature = "metrics")]
+        {
+            let server = super::metrics::Server::new(name);
+            let counters: std::sync::Arc<[Counters]> = (0..listeners)
+                .map(|_| {
+                    let mut counters = Counters::default();
+                    counters.metrics = server.listener();
+                    counters
+                })
+                .collect();
+            server.publish(&counters);
+            counters
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = name;
+            (0..listeners).map(|_| Counters::default()).collect()
+        }
+    }
+
+    #[cfg(feature = "metrics")]
+    pub(crate) fn metrics(&self) -> &super::metrics::Listener {
+        &self.metrics
+    }
+
     pub(crate) fn received(&self, n: u64, bytes: u64) {
         self.bytes_received.fetch_add(bytes, Ordering::Relaxed);
         self.received.fetch_add(n, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        self.metrics.received(n);
     }
 
     pub(crate) fn sent(&self, bytes: u64) {
@@ -278,7 +388,7 @@ impl Counters {
     /// Records how long a datagram took from receipt to its outcome.
     #[cfg(feature = "metrics")]
     pub(crate) fn handled(&self, took: std::time::Duration) {
-        self.metrics.handling.record(took.as_secs_f64());
+        self.metrics.record(took.as_secs_f64());
     }
 
     /// Counts `n` datagrams as finished with `outcome`. Release pairs with the
@@ -286,14 +396,10 @@ impl Counters {
     /// without the receive that preceded it.
     pub(crate) fn finished(&self, outcome: Outcome, n: u64) {
         self.outcomes[outcome.index()].fetch_add(n, Ordering::Release);
-        #[cfg(feature = "metrics")]
-        self.metrics.finished(outcome, n);
     }
 
     pub(crate) fn receive_error(&self) {
         self.receive_errors.fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        self.metrics.receive_errors.increment(1);
     }
 
     pub(crate) fn read_paused(&self) {
@@ -303,8 +409,6 @@ impl Counters {
     pub(crate) fn unread_at_close(&self, n: u64) {
         if n > 0 {
             self.unread_at_close.fetch_add(n, Ordering::Relaxed);
-            #[cfg(feature = "metrics")]
-            self.metrics.unread_at_close.increment(n);
         }
     }
 
@@ -334,6 +438,8 @@ impl Counters {
     pub(crate) fn attach(&self, transport: &std::sync::Arc<dyn crate::transport::Transport>) {
         *self.transport.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(std::sync::Arc::downgrade(transport));
+        #[cfg(feature = "metrics")]
+        self.metrics.attached(transport.local_addr());
     }
 
     /// The socket is closing: fold its kernel drops into the total, and
@@ -348,6 +454,9 @@ impl Counters {
         if slot.as_ref().is_some_and(|attached| attached.ptr_eq(&this)) {
             *slot = None;
         }
+        drop(slot);
+        #[cfg(feature = "metrics")]
+        self.metrics.detached();
     }
 
     /// Stops asking `transport` for its kernel drops, without asking it
@@ -415,59 +524,64 @@ impl Counters {
     }
 }
 
-/// Metrics through the `metrics` facade (feature `metrics`). Handles are
-/// resolved once, when the server starts, from the recorder installed then:
-/// install the recorder (a Prometheus exporter, say) before serving.
-///
-/// | metric | kind | meaning |
-/// | --- | --- | --- |
-/// | `abyss_datagrams_received_total` | counter | datagrams taken from the sockets |
-/// | `abyss_datagrams_total{outcome}` | counter | datagrams finished, by outcome: `replied`, `no_reply`, or a drop reason (`truncated`, `too_large`, `rate_limited`, `timed_out`, `overloaded`, `amplification`, `denied`, `handler_error`, `panicked`, `refused_destination`, `send_failed`, `aborted`) |
-/// | `abyss_in_flight` | gauge | datagrams received and not finished |
-/// | `abyss_receive_errors_total` | counter | failed receive calls |
-/// | `abyss_unread_at_close_total` | counter | datagrams still queued when a socket closed |
-/// | `abyss_handling_seconds` | histogram | receipt to outcome, per datagram |
+/// Sums, for the metrics of servers sharing a label.
 #[cfg(feature = "metrics")]
-pub(crate) mod metrics_export {
-    use metrics::{Counter, Gauge, Histogram};
-
-    use super::Outcome;
-
-    #[derive(Debug)]
-    pub(crate) struct Handles {
-        received: Counter,
-        outcomes: [Counter; Outcome::COUNT],
-        in_flight: Gauge,
-        pub(crate) receive_errors: Counter,
-        pub(crate) unread_at_close: Counter,
-        pub(crate) handling: Histogram,
+impl Stats {
+    /// Adds `other`'s counts to these (`kernel_drops` is known if either
+    /// knows it).
+    pub(crate) fn add(&mut self, other: &Stats) {
+        let (d, o) = (&mut self.dropped, &other.dropped);
+        d.truncated += o.truncated;
+        d.handler_error += o.handler_error;
+        d.panicked += o.panicked;
+        d.refused_destination += o.refused_destination;
+        d.send_failed += o.send_failed;
+        d.aborted += o.aborted;
+        d.too_large += o.too_large;
+        d.rate_limited += o.rate_limited;
+        d.timed_out += o.timed_out;
+        d.overloaded += o.overloaded;
+        d.denied += o.denied;
+        d.amplification += o.amplification;
+        self.received += other.received;
+        self.bytes_received += other.bytes_received;
+        self.bytes_sent += other.bytes_sent;
+        self.replied += other.replied;
+        self.no_reply += other.no_reply;
+        self.in_flight += other.in_flight;
+        self.receive_errors += other.receive_errors;
+        self.reads_paused += other.reads_paused;
+        self.kernel_drops = match (self.kernel_drops, other.kernel_drops) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.unread_at_close += other.unread_at_close;
+        self.group_copies_skipped += other.group_copies_skipped;
+        self.listener_restarts += other.listener_restarts;
     }
+}
 
-    impl Default for Handles {
-        fn default() -> Self {
-            Self {
-                received: metrics::counter!("abyss_datagrams_received_total"),
-                outcomes: Outcome::NAMES.map(
-                    |outcome| metrics::counter!("abyss_datagrams_total", "outcome" => outcome),
-                ),
-                in_flight: metrics::gauge!("abyss_in_flight"),
-                receive_errors: metrics::counter!("abyss_receive_errors_total"),
-                unread_at_close: metrics::counter!("abyss_unread_at_close_total"),
-                handling: metrics::histogram!("abyss_handling_seconds"),
-            }
-        }
-    }
-
-    impl Handles {
-        pub(crate) fn received(&self, n: u64) {
-            self.received.increment(n);
-            self.in_flight.increment(n as f64);
-        }
-
-        pub(crate) fn finished(&self, outcome: Outcome, n: u64) {
-            self.outcomes[outcome.index()].increment(n);
-            self.in_flight.decrement(n as f64);
-        }
+#[cfg(feature = "metrics")]
+impl Outcome {
+    /// The finished datagrams of `stats`, by [`Outcome::index`].
+    pub(crate) fn counts(stats: &Stats) -> [u64; Self::COUNT] {
+        let d = &stats.dropped;
+        [
+            stats.replied,
+            stats.no_reply,
+            d.truncated,
+            d.handler_error,
+            d.panicked,
+            d.refused_destination,
+            d.send_failed,
+            d.aborted,
+            d.too_large,
+            d.rate_limited,
+            d.timed_out,
+            d.overloaded,
+            d.amplification,
+            d.denied,
+        ]
     }
 }
 
@@ -495,22 +609,10 @@ mod tests {
     #[test]
     fn each_outcome_lands_in_its_own_field_of_the_stats() {
         let counters = Counters::default();
-        let outcomes = [
-            Outcome::Replied,
-            Outcome::NoReply,
-            Outcome::Truncated,
-            Outcome::HandlerError,
-            Outcome::Panicked,
-            Outcome::RefusedDestination,
-            Outcome::SendFailed,
-            Outcome::Aborted,
-            Outcome::Layer(DropReason::TooLarge),
-            Outcome::Layer(DropReason::RateLimited),
-            Outcome::Layer(DropReason::TimedOut),
-            Outcome::Layer(DropReason::Overloaded),
-            Outcome::Layer(DropReason::Amplification),
-            Outcome::Layer(DropReason::Denied),
-        ];
+        let outcomes = Outcome::ALL;
+        for (i, outcome) in outcomes.iter().enumerate() {
+            assert_eq!(outcome.index(), i, "{outcome:?} is in its slot");
+        }
         counters.received(105, 0);
         // Outcome i is counted i + 1 times, so every field has its own value.
         for (i, outcome) in outcomes.iter().enumerate() {
@@ -538,6 +640,51 @@ mod tests {
             [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
         );
         assert_eq!(stats.in_flight, 0);
+    }
+
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn the_published_outcome_counts_are_the_ones_each_outcome_was_counted_in() {
+        let counters = Counters::default();
+        counters.received(105, 0);
+        for (i, (name, outcome)) in Outcome::NAMES.iter().zip(Outcome::ALL).enumerate() {
+            assert_eq!(outcome.as_str(), *name);
+            counters.finished(outcome, i as u64 + 1);
+        }
+        let mut stats = Stats::default();
+        counters.add_to(&mut stats);
+        assert_eq!(
+            Outcome::counts(&stats),
+            std::array::from_fn(|i| i as u64 + 1),
+            "published under the name of the outcome counted"
+        );
+    }
+
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn adding_stats_adds_every_field() {
+        let counters = Counters::default();
+        counters.received(200, 3000);
+        counters.sent(700);
+        for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
+            counters.finished(outcome, i as u64 + 1);
+        }
+        counters.receive_error();
+        counters.read_paused();
+        counters.unread_at_close(4);
+        counters.group_copies_skipped(5);
+        let mut one = Stats::default();
+        counters.add_to(&mut one);
+        one.kernel_drops = Some(6);
+        one.listener_restarts = 7;
+        assert!(one.in_flight > 0 && one.dropped.denied > 0, "{one:?}");
+        let mut twice = one;
+        twice.add(&one);
+        // `since` takes away every counter (and keeps `in_flight`).
+        let mut back = twice.since(&one);
+        assert_eq!(back.in_flight, 2 * one.in_flight);
+        back.in_flight = one.in_flight;
+        assert_eq!(back, one, "twice: {twice:?}");
     }
 
     /// A transport that only reports a fixed kernel drop count.

@@ -67,7 +67,7 @@
 //! let handle = Server::bind("127.0.0.1:0")
 //!     .on_shutdown({
 //!         let sessions = sessions.clone();
-//!         move || sessions.clone().shutdown_owned()
+//!         move || sessions.shutdown()
 //!     })
 //!     .serve(sessions.service())
 //!     .await?;
@@ -100,34 +100,209 @@ pub use step::Step;
 /// self` is all the synchronisation a session needs. A panic in any of them
 /// ends the session (counted by the server as `panicked` when it happened
 /// while handling a datagram).
+///
+/// Only [`handle`](Session::handle) is required; the hooks default to
+/// closing an idle session and doing nothing when one ends.
+///
+/// # Example
+///
+/// A login: the first datagram names the user, later ones are echoed with
+/// it; a session quiet for 30 s says goodbye and closes.
+///
+/// ```
+/// use std::time::Duration;
+/// use abyss::session::{Session, SessionContext, Sessions, Step};
+/// use abyss::{Request, Server};
+///
+/// #[derive(Default)]
+/// struct Login {
+///     user: Option<String>,
+/// }
+///
+/// impl Session for Login {
+///     async fn handle(&mut self, request: Request) -> Step {
+///         let text = String::from_utf8_lossy(request.payload()).into_owned();
+///         match &self.user {
+///             None => {
+///                 let reply = format!("hello {text}");
+///                 self.user = Some(text);
+///                 Step::keep_for(Duration::from_secs(30)).reply(reply)
+///             }
+///             Some(user) => Step::keep().reply(format!("{user}: {text}")),
+///         }
+///     }
+///
+///     async fn on_idle(&mut self, context: &SessionContext) -> Step {
+///         let _ = context.sender().send_to(context.peer(), b"bye").await;
+///         Step::close()
+///     }
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let sessions = Sessions::builder(|_peer| Login::default()).build()?;
+/// let handle = Server::bind("127.0.0.1:0").serve(sessions.service()).await?;
+///
+/// let client = abyss::client::UdpClient::connect(handle.local_addr()).await?;
+/// let timeout = Duration::from_secs(5);
+/// assert_eq!(client.request(b"ada", timeout).await?, "hello ada");
+/// assert_eq!(client.request(b"hi", timeout).await?, "ada: hi");
+/// handle.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 pub trait Session: Send + Sized + 'static {
     /// Handles one datagram from the peer, in arrival order. The returned
     /// [`Step`] says whether the session goes on and what to reply.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Step};
+    /// use abyss::Request;
+    ///
+    /// /// Sums the numbers a peer sends; `end` closes with the total.
+    /// struct Sum(i64);
+    ///
+    /// impl Session for Sum {
+    ///     async fn handle(&mut self, request: Request) -> Step {
+    ///         let text = String::from_utf8_lossy(request.payload());
+    ///         if text == "end" {
+    ///             return Step::close().reply(self.0.to_string());
+    ///         }
+    ///         match text.trim().parse::<i64>() {
+    ///             Ok(n) => {
+    ///                 self.0 += n;
+    ///                 Step::keep()
+    ///             }
+    ///             Err(error) => Step::error(error),
+    ///         }
+    ///     }
+    /// }
+    /// ```
     fn handle(&mut self, request: Request) -> impl Future<Output = Step> + Send;
 
     /// The idle timeout passed with no datagram. Return [`Step::keep`] (or
     /// a variant with a new timeout) to stay open; a reply in the step is
     /// sent to the peer. Default: close.
-    fn on_idle(&mut self, context: &Context) -> impl Future<Output = Step> + Send {
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss::session::{Session, SessionContext, Step};
+    /// use abyss::Request;
+    ///
+    /// /// Pings a quiet peer twice before giving up on it.
+    /// struct Patient {
+    ///     pings: u32,
+    /// }
+    ///
+    /// impl Session for Patient {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.pings = 0;
+    ///         Step::keep()
+    ///     }
+    ///
+    ///     async fn on_idle(&mut self, _context: &SessionContext) -> Step {
+    ///         self.pings += 1;
+    ///         if self.pings > 2 {
+    ///             return Step::close();
+    ///         }
+    ///         Step::keep_for(Duration::from_secs(5)).reply("ping")
+    ///     }
+    /// }
+    /// ```
+    fn on_idle(&mut self, context: &SessionContext) -> impl Future<Output = Step> + Send {
         let _ = context;
         async { Step::close() }
     }
 
     /// The session is ending because [`handle`](Session::handle) or
     /// [`on_idle`](Session::on_idle) returned [`Step::close`].
-    fn on_close(&mut self, context: &Context) -> impl Future<Output = ()> + Send {
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, SessionContext, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Chat;
+    ///
+    /// impl Session for Chat {
+    ///     async fn handle(&mut self, request: Request) -> Step {
+    ///         if request.payload().as_ref() == b"quit" {
+    ///             return Step::close();
+    ///         }
+    ///         Step::keep()
+    ///     }
+    ///
+    ///     async fn on_close(&mut self, context: &SessionContext) {
+    ///         let _ = context.sender().send_to(context.peer(), b"goodbye").await;
+    ///     }
+    /// }
+    /// ```
+    fn on_close(&mut self, context: &SessionContext) -> impl Future<Output = ()> + Send {
         let _ = context;
         async {}
     }
 
     /// The session is ending because a step was [`Step::error`].
-    fn on_error(&mut self, error: &BoxError, context: &Context) -> impl Future<Output = ()> + Send {
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, SessionContext, Step};
+    /// use abyss::{BoxError, Request};
+    ///
+    /// struct Strict;
+    ///
+    /// impl Session for Strict {
+    ///     async fn handle(&mut self, request: Request) -> Step {
+    ///         match std::str::from_utf8(request.payload()) {
+    ///             Ok(_) => Step::keep(),
+    ///             Err(error) => Step::error(error),
+    ///         }
+    ///     }
+    ///
+    ///     async fn on_error(&mut self, error: &BoxError, context: &SessionContext) {
+    ///         eprintln!("{} sent something that is not UTF-8: {error}", context.peer());
+    ///     }
+    /// }
+    /// ```
+    fn on_error(
+        &mut self,
+        error: &BoxError,
+        context: &SessionContext,
+    ) -> impl Future<Output = ()> + Send {
         let _ = (error, context);
         async {}
     }
 
     /// The server is shutting down; queued datagrams have been handled.
-    fn on_shutdown(&mut self, context: &Context) -> impl Future<Output = ()> + Send {
+    ///
+    /// Called for every live session by [`Sessions::shutdown`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, SessionContext, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Notified;
+    ///
+    /// impl Session for Notified {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         Step::keep()
+    ///     }
+    ///
+    ///     async fn on_shutdown(&mut self, context: &SessionContext) {
+    ///         // Tell the peer to reconnect later rather than time out.
+    ///         let _ = context.sender().send_to(context.peer(), b"server going down").await;
+    ///     }
+    /// }
+    /// ```
+    fn on_shutdown(&mut self, context: &SessionContext) -> impl Future<Output = ()> + Send {
         let _ = context;
         async {}
     }
@@ -135,19 +310,83 @@ pub trait Session: Send + Sized + 'static {
 
 /// What a session's hooks know besides their state: who the peer is and a
 /// way to send to it (or anyone) from the server's socket.
+///
+/// # Example
+///
+/// ```
+/// use abyss::session::{Session, SessionContext, Step};
+/// use abyss::Request;
+///
+/// struct Announcer;
+///
+/// impl Session for Announcer {
+///     async fn handle(&mut self, _request: Request) -> Step {
+///         Step::keep()
+///     }
+///
+///     async fn on_idle(&mut self, context: &SessionContext) -> Step {
+///         // A reply in the step would go to the peer too; the sender can
+///         // reach anyone, from the socket the session's last datagram
+///         // came in on.
+///         let _ = context.sender().send_to(context.peer(), b"still there?").await;
+///         Step::keep()
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
-pub struct Context {
+pub struct SessionContext {
     peer: SocketAddr,
     sender: SendHandle,
 }
 
-impl Context {
+impl SessionContext {
     /// The peer this session serves (the address of its first datagram).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, SessionContext, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Logged;
+    ///
+    /// impl Session for Logged {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         Step::keep()
+    ///     }
+    ///
+    ///     async fn on_close(&mut self, context: &SessionContext) {
+    ///         println!("{} left", context.peer());
+    ///     }
+    /// }
+    /// ```
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
 
     /// Sends from the socket the session's last datagram came in on.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, SessionContext, Step};
+    /// use abyss::Request;
+    ///
+    /// /// Tells a monitor about every session that ends in error.
+    /// struct Monitored;
+    ///
+    /// impl Session for Monitored {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         Step::error("unexpected datagram")
+    ///     }
+    ///
+    ///     async fn on_error(&mut self, error: &abyss::BoxError, context: &SessionContext) {
+    ///         let monitor = "192.0.2.100:9999".parse().unwrap();
+    ///         let report = format!("{}: {error}", context.peer());
+    ///         let _ = context.sender().send_to(monitor, report.as_bytes()).await;
+    ///     }
+    /// }
+    /// ```
     pub fn sender(&self) -> &SendHandle {
         &self.sender
     }

@@ -1,6 +1,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::hash::Hash;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -15,13 +16,15 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 #[cfg(doc)]
 use super::Step;
 use super::step::Next;
-use super::{Context, Session, SessionService};
+use super::{Session, SessionContext, SessionService};
 use crate::middleware::DropReason;
 use crate::{BoxError, Error, Request};
 
 const TARGET: &str = "abyss::session";
 
-/// The defaults: the original's `num_connections` and `read_timeout`.
+/// The defaults: enough sessions for a busy service while bounding memory
+/// (each is a task and a queue), a queue that absorbs a burst from one peer,
+/// and an idle timeout that outlives a client's retry interval.
 const DEFAULT_MAX_SESSIONS: usize = 16_384;
 const DEFAULT_QUEUE_SIZE: usize = 64;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -51,6 +54,47 @@ struct Entry {
 ///
 /// Cheap to clone: clones share the sessions. See the [module
 /// docs](super).
+///
+/// # Example
+///
+/// ```
+/// use abyss::session::{Session, Sessions, Step};
+/// use abyss::Request;
+///
+/// struct Counter(u64);
+///
+/// impl Session for Counter {
+///     async fn handle(&mut self, _request: Request) -> Step {
+///         self.0 += 1;
+///         Step::keep().reply(self.0.to_string())
+///     }
+/// }
+/// use abyss::Server;
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let sessions = Sessions::builder(|_peer| Counter(0)).build()?;
+/// let handle = Server::bind("127.0.0.1:0")
+///     .on_shutdown({
+///         let sessions = sessions.clone();
+///         move || sessions.shutdown()
+///     })
+///     .serve(sessions.service())
+///     .await?;
+///
+/// let timeout = std::time::Duration::from_secs(5);
+/// let alice = abyss::client::UdpClient::connect(handle.local_addr()).await?;
+/// let bob = abyss::client::UdpClient::connect(handle.local_addr()).await?;
+/// assert_eq!(alice.request(b"a", timeout).await?, "1");
+/// assert_eq!(alice.request(b"a", timeout).await?, "2");
+/// assert_eq!(bob.request(b"b", timeout).await?, "1", "a session of his own");
+/// assert_eq!(sessions.stats().live, 2);
+///
+/// handle.shutdown().await;
+/// assert_eq!(sessions.stats().shut_down, 2);
+/// # Ok(())
+/// # }
+/// ```
 pub struct Sessions<S, K = SocketAddr> {
     registry: Arc<Registry<S, K>>,
 }
@@ -85,6 +129,23 @@ pub(super) struct Registry<S, K> {
     running: AtomicUsize,
     ended: Notify,
     counters: Counters,
+    #[cfg(feature = "metrics")]
+    metrics: crate::server::metrics::Sessions,
+}
+
+/// What a table counted is kept in its label's series when it goes.
+#[cfg(feature = "metrics")]
+impl<S, K> Drop for Registry<S, K> {
+    fn drop(&mut self) {
+        self.metrics.retire(self.stats());
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl<S, K> crate::server::metrics::Source<SessionStats> for Registry<S, K> {
+    fn add_to(&self, totals: &mut SessionStats) {
+        crate::server::metrics::Totals::add(totals, &self.stats());
+    }
 }
 
 #[derive(Default)]
@@ -100,6 +161,48 @@ struct Counters {
 }
 
 /// Counters of a [`Sessions`].
+///
+/// # Example
+///
+/// Driving the sessions' service by hand, without a server:
+///
+/// ```
+/// use std::future::poll_fn;
+/// use abyss::session::{Session, Sessions, Step};
+/// use abyss::{Bytes, Request, SendHandle, Service};
+///
+/// struct Counter(u64);
+///
+/// impl Session for Counter {
+///     async fn handle(&mut self, _request: Request) -> Step {
+///         self.0 += 1;
+///         Step::keep().reply(self.0.to_string())
+///     }
+/// }
+///
+/// fn datagram(peer: &str) -> Request {
+///     let local = "192.0.2.53:53".parse().unwrap();
+///     Request::new(peer.parse().unwrap(), local, Bytes::from_static(b"hi"), SendHandle::detached())
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), abyss::BoxError> {
+/// let sessions = Sessions::builder(|_peer| Counter(0)).max_sessions(1).build()?;
+/// let mut service = sessions.service();
+///
+/// poll_fn(|cx| service.poll_ready(cx)).await?;
+/// let reply = service.call(datagram("192.0.2.1:5000")).await?;
+/// assert_eq!(reply.as_deref(), Some(&b"1"[..]));
+///
+/// // The one session allowed is taken: a second peer is refused.
+/// poll_fn(|cx| service.poll_ready(cx)).await?;
+/// assert!(service.call(datagram("192.0.2.2:5000")).await.is_err());
+///
+/// let stats = sessions.stats();
+/// assert_eq!((stats.live, stats.created, stats.refused), (1, 1, 1));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SessionStats {
@@ -125,12 +228,38 @@ pub struct SessionStats {
 }
 
 /// Options of a [`Sessions`]; from [`Sessions::builder`].
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use abyss::session::{Session, Sessions, Step};
+/// use abyss::Request;
+///
+/// struct Counter(u64);
+///
+/// impl Session for Counter {
+///     async fn handle(&mut self, _request: Request) -> Step {
+///         self.0 += 1;
+///         Step::keep().reply(self.0.to_string())
+///     }
+/// }
+///
+/// let sessions = Sessions::builder(|_peer| Counter(0))
+///     .max_sessions(1024)
+///     .queue_size(16)
+///     .idle_timeout(Duration::from_secs(300))
+///     .build()?;
+/// # let _ = sessions;
+/// # Ok::<(), abyss::Error>(())
+/// ```
 pub struct SessionsBuilder<S, K = SocketAddr> {
     factory: Box<Factory<S>>,
     key: Box<KeyFn<K>>,
     max_sessions: usize,
     queue_size: usize,
     idle_timeout: Duration,
+    name: Option<String>,
 }
 
 impl<S, K> fmt::Debug for SessionsBuilder<S, K> {
@@ -139,6 +268,7 @@ impl<S, K> fmt::Debug for SessionsBuilder<S, K> {
             .field("max_sessions", &self.max_sessions)
             .field("queue_size", &self.queue_size)
             .field("idle_timeout", &self.idle_timeout)
+            .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
@@ -147,6 +277,28 @@ impl<S: Session> Sessions<S, SocketAddr> {
     /// Sessions whose state `factory` creates for each new peer (the
     /// original's `init`), keyed by peer address. The factory runs while
     /// the session table is locked: keep it quick.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Greeter {
+    ///     peer: SocketAddr,
+    /// }
+    ///
+    /// impl Session for Greeter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         Step::keep().reply(format!("hello {}", self.peer))
+    ///     }
+    /// }
+    ///
+    /// let sessions = Sessions::builder(|peer| Greeter { peer }).build()?;
+    /// # let _ = sessions;
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn builder(
         factory: impl Fn(SocketAddr) -> S + Send + Sync + 'static,
     ) -> SessionsBuilder<S, SocketAddr> {
@@ -156,26 +308,95 @@ impl<S: Session> Sessions<S, SocketAddr> {
             max_sessions: DEFAULT_MAX_SESSIONS,
             queue_size: DEFAULT_QUEUE_SIZE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            name: None,
         }
     }
 }
 
 impl<S: Session, K> SessionsBuilder<S, K> {
-    /// Live sessions at most (default 16 384, the original's
-    /// `num_connections`).
+    /// Live sessions at most (default 16 384: enough for a busy service,
+    /// while bounding the memory and tasks they hold).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Counter(u64);
+    ///
+    /// impl Session for Counter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.0 += 1;
+    ///         Step::keep().reply(self.0.to_string())
+    ///     }
+    /// }
+    ///
+    /// let sessions = Sessions::builder(|_peer| Counter(0)).max_sessions(100).build()?;
+    /// # let _ = sessions;
+    /// let error = Sessions::builder(|_peer| Counter(0)).max_sessions(0).build().unwrap_err();
+    /// assert_eq!(error.field(), Some("max_sessions"));
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn max_sessions(mut self, sessions: usize) -> Self {
         self.max_sessions = sessions;
         self
     }
 
     /// Datagrams each session queues at most while it is busy (default 64).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Counter(u64);
+    ///
+    /// impl Session for Counter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.0 += 1;
+    ///         Step::keep().reply(self.0.to_string())
+    ///     }
+    /// }
+    ///
+    /// // A peer that sends faster than its session handles loses the excess.
+    /// let sessions = Sessions::builder(|_peer| Counter(0)).queue_size(8).build()?;
+    /// # let _ = sessions;
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn queue_size(mut self, datagrams: usize) -> Self {
         self.queue_size = datagrams;
         self
     }
 
     /// How long a session waits for a datagram before
-    /// [`Session::on_idle`] (default 60 s, the original's `read_timeout`).
+    /// [`Session::on_idle`] (default 60 s: longer than clients wait between
+    /// retries, short enough to free a departed peer's state within a
+    /// minute).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Counter(u64);
+    ///
+    /// impl Session for Counter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.0 += 1;
+    ///         Step::keep().reply(self.0.to_string())
+    ///     }
+    /// }
+    ///
+    /// let sessions = Sessions::builder(|_peer| Counter(0))
+    ///     .idle_timeout(Duration::from_secs(10))
+    ///     .build()?;
+    /// # let _ = sessions;
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
@@ -184,6 +405,29 @@ impl<S: Session, K> SessionsBuilder<S, K> {
     /// Which datagrams share a session: by default those from one peer
     /// address; `key` can group them otherwise (by IP only, by a protocol
     /// field).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Counter(u64);
+    ///
+    /// impl Session for Counter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.0 += 1;
+    ///         Step::keep().reply(self.0.to_string())
+    ///     }
+    /// }
+    ///
+    /// // One session per host, whatever port each datagram comes from.
+    /// let by_ip = Sessions::builder(|_peer| Counter(0))
+    ///     .key(|request| request.peer().ip())
+    ///     .build()?;
+    /// # let _ = by_ip;
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn key<K2>(
         self,
         key: impl Fn(&Request) -> K2 + Send + Sync + 'static,
@@ -194,10 +438,60 @@ impl<S: Session, K> SessionsBuilder<S, K> {
             max_sessions: self.max_sessions,
             queue_size: self.queue_size,
             idle_timeout: self.idle_timeout,
+            name: self.name,
         }
     }
 
+    /// A name for this table in metrics (feature `metrics`): the value of
+    /// the `sessions` label of its series. Default: the table's number in
+    /// the process, `1` for the first one built. Tables built with the same
+    /// name share their series, which add up.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Sessions, Step};
+    ///
+    /// struct Quiet;
+    ///
+    /// impl Session for Quiet {
+    ///     async fn handle(&mut self, _request: abyss::Request) -> Step {
+    ///         Step::keep()
+    ///     }
+    /// }
+    ///
+    /// let sessions = Sessions::builder(|_peer| Quiet).name("game").build()?;
+    /// # let _ = sessions;
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
     /// Checks the options.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Counter(u64);
+    ///
+    /// impl Session for Counter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.0 += 1;
+    ///         Step::keep().reply(self.0.to_string())
+    ///     }
+    /// }
+    ///
+    /// let error = Sessions::builder(|_peer| Counter(0))
+    ///     .idle_timeout(std::time::Duration::ZERO)
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(error.field(), Some("idle_timeout"));
+    /// ```
     pub fn build(self) -> Result<Sessions<S, K>, Error> {
         if self.max_sessions == 0 {
             return Err(Error::config("max_sessions", "must be at least 1"));
@@ -208,6 +502,8 @@ impl<S: Session, K> SessionsBuilder<S, K> {
         if self.idle_timeout.is_zero() {
             return Err(Error::config("idle_timeout", "must be longer than zero"));
         }
+        #[cfg(not(feature = "metrics"))]
+        let _ = self.name;
         Ok(Sessions {
             registry: Arc::new(Registry {
                 factory: self.factory,
@@ -221,6 +517,8 @@ impl<S: Session, K> SessionsBuilder<S, K> {
                 running: AtomicUsize::new(0),
                 ended: Notify::new(),
                 counters: Counters::default(),
+                #[cfg(feature = "metrics")]
+                metrics: crate::server::metrics::Sessions::new(self.name),
             }),
         })
     }
@@ -229,7 +527,38 @@ impl<S: Session, K> SessionsBuilder<S, K> {
 impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Sessions<S, K> {
     /// The service that routes datagrams to sessions. Clones share the
     /// sessions.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Counter(u64);
+    ///
+    /// impl Session for Counter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.0 += 1;
+    ///         Step::keep().reply(self.0.to_string())
+    ///     }
+    /// }
+    /// use abyss::Server;
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sessions = Sessions::builder(|_peer| Counter(0)).build()?;
+    /// // Behind the server's layers like any other service.
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .rate_limit(abyss::middleware::RateQuota::per_second(100))
+    ///     .serve(sessions.service())
+    ///     .await?;
+    /// # handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn service(&self) -> SessionService<S, K> {
+        #[cfg(feature = "metrics")]
+        self.registry.publish_metrics();
         SessionService::new(self.registry.clone())
     }
 
@@ -237,37 +566,97 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Sessions<S, K> {
     /// [`Session::on_shutdown`], and waits until all have ended. Sessions
     /// started afterwards (by datagrams still in flight) end the same way
     /// once their queue is empty.
-    pub async fn shutdown(&self) {
-        let registry = &self.registry;
-        registry.shutdown.send_replace(true);
-        loop {
-            let ended = registry.ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            if registry.running.load(Ordering::Acquire) == 0 {
-                return;
+    ///
+    /// The future holds its own handle on the sessions (it borrows nothing),
+    /// so it fits [`Builder::on_shutdown`](crate::Builder::on_shutdown)
+    /// as it is: `.on_shutdown(move || sessions.shutdown())`. Like any
+    /// future, it does nothing until polled.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Counter(u64);
+    ///
+    /// impl Session for Counter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.0 += 1;
+    ///         Step::keep().reply(self.0.to_string())
+    ///     }
+    /// }
+    /// use abyss::Server;
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sessions = Sessions::builder(|_peer| Counter(0)).build()?;
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     // A graceful shutdown of the server ends every session too.
+    ///     .on_shutdown({
+    ///         let sessions = sessions.clone();
+    ///         move || sessions.shutdown()
+    ///     })
+    ///     .serve(sessions.service())
+    ///     .await?;
+    /// abyss::client::send_recv(handle.local_addr(), b"hi", std::time::Duration::from_secs(5)).await?;
+    ///
+    /// handle.shutdown().await;
+    /// assert_eq!(sessions.stats().live, 0);
+    /// assert_eq!(sessions.stats().shut_down, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn shutdown(&self) -> impl Future<Output = ()> + Send + 'static + use<S, K> {
+        let registry = self.registry.clone();
+        async move {
+            registry.shutdown.send_replace(true);
+            loop {
+                let ended = registry.ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                if registry.running.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                ended.await;
             }
-            ended.await;
         }
-    }
-}
-
-impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Sessions<S, K> {
-    /// [`shutdown`](Sessions::shutdown) as an owned future, for
-    /// [`Builder::on_shutdown`](crate::Builder::on_shutdown):
-    /// `.on_shutdown(move || sessions.clone().shutdown_owned())`.
-    pub async fn shutdown_owned(self) {
-        self.shutdown().await;
     }
 }
 
 impl<S, K> Sessions<S, K> {
     /// The counters.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, Sessions, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Counter(u64);
+    ///
+    /// impl Session for Counter {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         self.0 += 1;
+    ///         Step::keep().reply(self.0.to_string())
+    ///     }
+    /// }
+    ///
+    /// let sessions = Sessions::builder(|_peer| Counter(0)).build()?;
+    /// assert_eq!(sessions.stats(), Default::default(), "nothing yet");
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn stats(&self) -> SessionStats {
-        let c = &self.registry.counters;
+        self.registry.stats()
+    }
+}
+
+impl<S, K> Registry<S, K> {
+    fn stats(&self) -> SessionStats {
+        let c = &self.counters;
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         SessionStats {
-            live: self.registry.lock().len(),
+            live: self.lock().len(),
             created: load(&c.created),
             refused: load(&c.refused),
             queue_full: load(&c.queue_full),
@@ -296,6 +685,17 @@ enum End {
 }
 
 impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
+    /// Starts publishing this table's metrics if it has not yet (it needs
+    /// a tokio runtime: `Sessions::service` may be called outside one, a
+    /// session's start never is).
+    #[cfg(feature = "metrics")]
+    fn publish_metrics(self: &Arc<Self>) {
+        self.metrics.publish(|| {
+            let table: std::sync::Weak<Self> = Arc::downgrade(self);
+            table
+        });
+    }
+
     /// Hands `request` to its session, starting one for a new peer. The
     /// error is the reason it was dropped.
     pub(super) fn dispatch(
@@ -336,7 +736,7 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
     /// Called with the table locked.
     fn start(self: &Arc<Self>, key: K, jobs: Vec<Job>) -> Entry {
         let first = &jobs[0].request;
-        let context = Context {
+        let context = SessionContext {
             peer: first.peer(),
             sender: first.sender().clone(),
         };
@@ -348,6 +748,8 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.counters.created.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.publish_metrics();
         self.running.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(target: TARGET, peer = %context.peer, id, "session start");
         tokio::spawn(self.clone().run(key, id, receiver, state, context));
@@ -360,7 +762,7 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
         id: u64,
         mut queue: mpsc::Receiver<Job>,
         mut state: S,
-        mut context: Context,
+        mut context: SessionContext,
     ) {
         let mut shutdown = self.shutdown.subscribe();
         let mut idle_timeout = self.idle_timeout;

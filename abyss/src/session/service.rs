@@ -19,6 +19,36 @@ use crate::{BoxError, Request};
 ///
 /// Always ready. Its future resolves when the session has handled the
 /// datagram, to the session's reply.
+///
+/// # Example
+///
+/// ```
+/// use abyss::session::{Session, SessionService, Sessions, Step};
+/// use abyss::{Request, Server, ServiceBuilder};
+///
+/// struct Echo;
+///
+/// impl Session for Echo {
+///     async fn handle(&mut self, request: Request) -> Step {
+///         Step::keep().reply(request.into_payload())
+///     }
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let sessions = Sessions::builder(|_peer| Echo).build()?;
+/// let service: SessionService<Echo, std::net::SocketAddr> = sessions.service();
+/// // A service like any other: layers go in front of it.
+/// let stack = ServiceBuilder::new()
+///     .layer(abyss::middleware::SizeLimitLayer::new(512))
+///     .service(service);
+/// let handle = Server::bind("127.0.0.1:0").serve(stack).await?;
+/// let reply = abyss::client::send_recv(handle.local_addr(), b"ping", std::time::Duration::from_secs(5)).await?;
+/// assert_eq!(reply, "ping");
+/// handle.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 pub struct SessionService<S, K> {
     registry: Arc<Registry<S, K>>,
 }
@@ -71,6 +101,38 @@ pin_project! {
     /// Response future of [`SessionService`]: the session's reply, or why
     /// the datagram was dropped. A panic in the session's handler is
     /// resumed here, so the server counts it as a panic.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::future::poll_fn;
+    /// use abyss::session::{Session, SessionFuture, Sessions, Step};
+    /// use abyss::{Bytes, Request, SendHandle, Service};
+    ///
+    /// struct Quiet;
+    ///
+    /// impl Session for Quiet {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         Step::keep() // no reply
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::BoxError> {
+    /// let sessions = Sessions::builder(|_peer| Quiet).build()?;
+    /// let mut service = sessions.service();
+    /// let request = Request::new(
+    ///     "192.0.2.1:5000".parse().unwrap(),
+    ///     "192.0.2.53:53".parse().unwrap(),
+    ///     Bytes::from_static(b"hi"),
+    ///     SendHandle::detached(),
+    /// );
+    /// poll_fn(|cx| service.poll_ready(cx)).await?;
+    /// let future: SessionFuture = service.call(request);
+    /// assert_eq!(future.await?, None);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[derive(Debug)]
     pub struct SessionFuture {
         #[pin]
