@@ -26,6 +26,29 @@ pub(crate) type Spawn = Arc<
 >;
 
 /// What a shutdown or suspend did with the requests in flight when it began.
+///
+/// Reports add up with `+=`, to total the servers of one process.
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+/// use abyss::{DrainReport, Request, Server, service_fn};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), abyss::Error> {
+/// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+/// let dns = Server::bind("127.0.0.1:0").name("dns").serve(echo.clone()).await?;
+/// let dhcp = Server::bind("127.0.0.1:0").name("dhcp").serve(echo).await?;
+///
+/// let mut total = DrainReport::default();
+/// for handle in [&dns, &dhcp] {
+///     total += handle.shutdown().await;
+/// }
+/// assert_eq!(total.aborted, 0, "every request finished in time");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DrainReport {
@@ -194,7 +217,29 @@ impl ServerHandle {
     }
 
     /// The address the server answers on (with port 0 configured, the port
-    /// it was given).
+    /// it was given). It changes only if a [`resume`](ServerHandle::resume)
+    /// finds that port taken.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").serve(echo).await?;
+    /// let addr = handle.local_addr();
+    /// assert_ne!(addr.port(), 0, "the port the system picked");
+    ///
+    /// let reply = abyss::client::send_recv(addr, b"hi", Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, "hi");
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn local_addr(&self) -> SocketAddr {
         *self.inner.local.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -202,7 +247,32 @@ impl ServerHandle {
     /// The rate limiter set with [`Builder::rate_limit`](crate::Builder::rate_limit)
     /// or [`Builder::rate_limiter`](crate::Builder::rate_limiter): change
     /// its quota while serving (the original's `update_config`) or read its
-    /// counters.
+    /// counters. `None` when the server has no rate limit.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::middleware::RateQuota;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .rate_limit(RateQuota::per_second(100))
+    ///     .serve(echo)
+    ///     .await?;
+    ///
+    /// // Under attack: tighten the quota without a restart.
+    /// let limiter = handle.rate_limiter().expect("a rate limit was set");
+    /// limiter.set_quota(RateQuota::per_second(10))?;
+    /// assert_eq!(limiter.quota().max(), 10);
+    /// assert_eq!(limiter.stats().limited, 0);
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn rate_limiter(&self) -> Option<&crate::middleware::PeerRateLimiter> {
         self.inner.config.rate_limiter.as_ref()
     }
@@ -210,11 +280,56 @@ impl ServerHandle {
     /// How many listener tasks are running now: the configured number while
     /// serving (a listener that ends by surprise is replaced, see
     /// [`Stats::listener_restarts`]), 0 once suspended or shut down.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::Error> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").listeners(2).serve(echo).await?;
+    /// assert_eq!(handle.live_listeners(), 2);
+    /// handle.suspend().await?;
+    /// assert_eq!(handle.live_listeners(), 0);
+    /// handle.resume().await?;
+    /// assert_eq!(handle.live_listeners(), 2);
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn live_listeners(&self) -> usize {
         self.inner.live.load(Ordering::Acquire)
     }
 
     /// A snapshot of the counters, summed over listeners.
+    ///
+    /// # Example
+    ///
+    /// What one request did, with [`Stats::since`]:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").serve(echo).await?;
+    /// let before = handle.stats();
+    ///
+    /// abyss::client::send_recv(handle.local_addr(), b"ping", Duration::from_secs(5)).await?;
+    /// handle.shutdown().await; // nothing in flight any more: the counts are final
+    ///
+    /// let delta = handle.stats().since(&before);
+    /// assert_eq!((delta.received, delta.replied), (1, 1));
+    /// assert_eq!((delta.bytes_received, delta.bytes_sent), (4, 4));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn stats(&self) -> Stats {
         let mut stats = Stats::default();
         for counters in self.inner.counters.iter() {
@@ -239,6 +354,56 @@ impl ServerHandle {
     /// the listeners still stop, drain and close, and the server is shut
     /// down; the shutdown hooks, which run in this future, are dropped with
     /// it.
+    ///
+    /// # Example
+    ///
+    /// A request being handled when the shutdown begins is finished, and
+    /// answered, before the server stops:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use abyss::client::UdpClient;
+    /// use abyss::{Request, Server, ServerState, service_fn};
+    /// use tokio::sync::Semaphore;
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = Arc::new(Semaphore::new(0)); // handlers wait here until opened
+    /// let gated = service_fn({
+    ///     let gate = gate.clone();
+    ///     move |r: Request| {
+    ///         let gate = gate.clone();
+    ///         async move {
+    ///             let _pass = gate.acquire().await;
+    ///             Ok::<_, Infallible>(r.into_payload())
+    ///         }
+    ///     }
+    /// });
+    /// let handle = Server::bind("127.0.0.1:0").serve(gated).await?;
+    /// let client = UdpClient::connect(handle.local_addr()).await?;
+    /// client.send(b"slow").await?;
+    /// while handle.stats().in_flight < 1 {
+    ///     tokio::task::yield_now().await; // until it is being handled
+    /// }
+    ///
+    /// let shutdown = tokio::spawn({
+    ///     let handle = handle.clone();
+    ///     async move { handle.shutdown().await }
+    /// });
+    /// while handle.state() != ServerState::Draining {
+    ///     tokio::task::yield_now().await; // until the shutdown has begun
+    /// }
+    /// gate.add_permits(1);
+    ///
+    /// let report = shutdown.await?;
+    /// assert_eq!((report.drained, report.aborted), (1, 0));
+    /// assert_eq!(client.recv(Duration::from_secs(5)).await?, "slow");
+    /// assert_eq!(handle.state(), ServerState::Stopped);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn shutdown(&self) -> DrainReport {
         let mut lifecycle = self.inner.lifecycle.lock().await;
         match std::mem::replace(&mut lifecycle.phase, Phase::Stopped) {
@@ -282,6 +447,31 @@ impl ServerHandle {
     /// Cancel-safe: if the returned future is dropped, the listeners still
     /// drain and close, and a later [`resume`](ServerHandle::resume) waits
     /// for them before it opens new sockets.
+    ///
+    /// Fails with [`Error::State`] once the server is shut down.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::{Error, Request, Server, ServerState, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::Error> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").serve(echo).await?;
+    ///
+    /// let report = handle.suspend().await?;
+    /// assert_eq!(report.aborted, 0);
+    /// assert_eq!(handle.state(), ServerState::Suspended);
+    /// handle.suspend().await?; // already suspended: nothing to do
+    ///
+    /// handle.shutdown().await;
+    /// let error = handle.suspend().await.unwrap_err();
+    /// assert!(matches!(error, Error::State { state: ServerState::Stopped }));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn suspend(&self) -> Result<DrainReport, Error> {
         let mut lifecycle = self.inner.lifecycle.lock().await;
         match std::mem::replace(&mut lifecycle.phase, Phase::Suspended) {
@@ -303,6 +493,34 @@ impl ServerHandle {
     /// again; with port 0 the port the server had is tried first, and if it
     /// was taken meanwhile a new one is picked. Returns the address now
     /// served on.
+    ///
+    /// Fails with [`Error::State`] unless the server is suspended, and with
+    /// [`Error::Bind`] if a fixed port was taken meanwhile.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::{Error, Request, Server, ServerState, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").serve(echo).await?;
+    ///
+    /// handle.suspend().await?;
+    /// let addr = handle.resume().await?;
+    /// let reply = abyss::client::send_recv(addr, b"back", Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, "back");
+    ///
+    /// // Only a suspended server resumes.
+    /// let error = handle.resume().await.unwrap_err();
+    /// assert!(matches!(error, Error::State { state: ServerState::Serving }));
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn resume(&self) -> Result<SocketAddr, Error> {
         let mut lifecycle = self.inner.lifecycle.lock().await;
         if !matches!(lifecycle.phase, Phase::Suspended) {
@@ -347,6 +565,30 @@ impl ServerHandle {
 
     /// Waits until the server is shut down, by whoever shuts it down, and
     /// its listeners have closed.
+    ///
+    /// # Example
+    ///
+    /// The main task waits while another one decides when to stop (an admin
+    /// command, say):
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::{Request, Server, ServerState, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::Error> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").serve(echo).await?;
+    ///
+    /// let admin = handle.clone();
+    /// tokio::spawn(async move { admin.shutdown().await });
+    ///
+    /// handle.stopped().await;
+    /// assert_eq!(handle.state(), ServerState::Stopped);
+    /// assert_eq!(handle.live_listeners(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn stopped(&self) {
         let mut state = self.inner.state.subscribe();
         // The sender lives as long as `self`: waiting cannot fail.
@@ -362,16 +604,28 @@ impl ServerHandle {
     /// (Ctrl-C or SIGTERM); any future works, such as a channel's receiver
     /// or a timer.
     ///
+    /// # Example
+    ///
     /// ```
-    /// # #[tokio::main] async fn main() -> Result<(), abyss::Error> {
-    /// use std::time::Duration;
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use abyss::ServerState;
     /// let echo = abyss::service_fn(|r: abyss::Request| async move {
     ///     Ok::<_, std::convert::Infallible>(r.into_payload())
     /// });
     /// let handle = abyss::Server::bind("127.0.0.1:0").serve(echo).await?;
+    ///
     /// // In a program: `handle.shutdown_on(abyss::shutdown_signal()).await`.
-    /// let report = handle.shutdown_on(tokio::time::sleep(Duration::from_millis(10))).await;
+    /// let (stop, stop_asked) = tokio::sync::oneshot::channel::<()>();
+    /// let serving = tokio::spawn({
+    ///     let handle = handle.clone();
+    ///     async move { handle.shutdown_on(async { let _ = stop_asked.await; }).await }
+    /// });
+    /// assert_eq!(handle.state(), ServerState::Serving);
+    ///
+    /// stop.send(()).unwrap();
+    /// let report = serving.await?;
     /// assert_eq!(report.aborted, 0);
+    /// assert_eq!(handle.state(), ServerState::Stopped);
     /// # Ok(()) }
     /// ```
     pub async fn shutdown_on(&self, signal: impl Future<Output = ()>) -> DrainReport {
@@ -383,6 +637,24 @@ impl ServerHandle {
 }
 
 /// Where a server is in its life; see [`ServerHandle::state`].
+///
+/// # Example
+///
+/// A health check:
+///
+/// ```
+/// use abyss::ServerState;
+///
+/// fn health(state: ServerState) -> &'static str {
+///     match state {
+///         ServerState::Serving => "ok",
+///         ServerState::Draining | ServerState::Suspended => "unavailable",
+///         _ => "down",
+///     }
+/// }
+/// assert_eq!(health(ServerState::Serving), "ok");
+/// assert_eq!(ServerState::Suspended.to_string(), "suspended");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ServerState {
@@ -423,6 +695,7 @@ impl Inner {
             .local_addr()
             .map_err(|e| Error::bind(addr, e))?;
         let mut running = Vec::with_capacity(transports.len());
+        let busy = Arc::new(super::listener::placement::Busy::new(config.listeners));
         for (index, transport) in transports.into_iter().enumerate().take(config.listeners) {
             let control = Arc::new(Control::default());
             let settings = Settings {
@@ -432,6 +705,7 @@ impl Inner {
                 dispatch: config.dispatch,
                 shutdown_timeout: config.shutdown_timeout,
                 live: self.live.clone(),
+                busy: busy.clone(),
             };
             match (self.spawn)(
                 transport.clone(),

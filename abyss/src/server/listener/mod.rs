@@ -6,7 +6,7 @@
 
 mod drop_log;
 mod in_flight;
-mod placement;
+pub(crate) mod placement;
 mod receive;
 mod send;
 
@@ -75,6 +75,8 @@ pub(crate) struct Settings {
     pub(crate) shutdown_timeout: Duration,
     /// Live listeners of the server, this one included while it runs.
     pub(crate) live: Arc<AtomicUsize>,
+    /// When each listener of the server was last busy handling.
+    pub(crate) busy: Arc<placement::Busy>,
 }
 
 /// The service's readiness for the next datagram.
@@ -161,7 +163,7 @@ where
             pending: VecDeque::new(),
             in_flight: FuturesUnordered::new(),
             spawned: tokio::task::JoinSet::new(),
-            placement: Placement::new(settings.dispatch),
+            placement: Placement::new(settings.dispatch, settings.busy.clone(), settings.index),
             staging: Box::pin(None),
             outbox,
             panic_log: LogGate::default(),
