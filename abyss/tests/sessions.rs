@@ -325,7 +325,8 @@ async fn a_panic_in_a_session_reaches_the_caller_and_ends_only_that_session() {
 
 #[tokio::test(start_paused = true)]
 async fn ten_thousand_peers_against_a_cap_of_a_thousand_keep_at_most_a_thousand_sessions() {
-    let mut h = harness(|b| b.max_sessions(1_000));
+    // One source here, so its share must be the whole table.
+    let mut h = harness(|b| b.max_sessions(1_000).max_sessions_per_source(1_000));
     let mut refused = 0;
     for port in 1..=10_000u16 {
         match h.send(port, b"hello").await {
@@ -480,4 +481,69 @@ async fn invalid_session_options_are_named() {
             .field(),
         Some("idle_timeout")
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_host_sending_from_thousands_of_ports_cannot_lock_new_peers_out() {
+    let mut h = harness(|b| b.max_sessions(1_000));
+    // One host takes as many sessions as it can: its share, a sixteenth.
+    let mut taken = 0;
+    for port in 1..=5_000u16 {
+        if h.send(port, b"hello").await.is_ok() {
+            taken += 1;
+        }
+    }
+    assert_eq!(taken, 1_000 / 16);
+    let stats = h.sessions.stats();
+    assert_eq!(
+        (stats.live, stats.refused_per_source),
+        (62, 5_000 - 62),
+        "{stats:?}"
+    );
+    // Another host is still served at once.
+    let other = Request::new(
+        SocketAddr::from(([198, 51, 100, 7], 4242)),
+        "192.0.2.53:53".parse().unwrap(),
+        Bytes::from_static(b"hello"),
+        SendHandle::detached(),
+    );
+    let reply = h.service.ready().await.unwrap().call(other).await.unwrap();
+    assert_eq!(reply.as_deref(), Some(&b"1"[..]));
+    // And the host's sessions count by its IPv6 /64 as one source too.
+    let v6 = |low: u16, port: u16| {
+        Request::new(
+            SocketAddr::new(format!("2001:db8::{low:x}").parse().unwrap(), port),
+            "[2001:db8::53]:53".parse().unwrap(),
+            Bytes::from_static(b"hello"),
+            SendHandle::detached(),
+        )
+    };
+    let mut v6_taken = 0;
+    for low in 1..=200u16 {
+        if h.service
+            .ready()
+            .await
+            .unwrap()
+            .call(v6(low, 4000))
+            .await
+            .is_ok()
+        {
+            v6_taken += 1;
+        }
+    }
+    assert_eq!(v6_taken, 62, "addresses of one /64 share one share");
+}
+
+#[test]
+fn a_share_of_zero_sessions_per_source_is_refused_with_the_option_named() {
+    let error = Sessions::builder(|peer| Probe {
+        peer,
+        count: 0,
+        log: Log::default(),
+        alive: Arc::default(),
+    })
+    .max_sessions_per_source(0)
+    .build()
+    .unwrap_err();
+    assert_eq!(error.field(), Some("max_sessions_per_source"));
 }

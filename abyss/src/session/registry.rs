@@ -1,9 +1,11 @@
 use std::any::Any;
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::hash::Hash;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +30,12 @@ const TARGET: &str = "abyss::session";
 const DEFAULT_MAX_SESSIONS: usize = 16_384;
 const DEFAULT_QUEUE_SIZE: usize = 64;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Sessions one source (an IPv4 address, an IPv6 /64) may hold by default:
+/// this share of `max_sessions`, so that one host cannot take the table.
+const DEFAULT_SOURCE_SHARE: usize = 16;
+/// Shards of the session table: datagrams of different peers rarely wait
+/// for one another.
+const SHARDS: usize = 64;
 
 type Factory<S> = dyn Fn(SocketAddr) -> S + Send + Sync;
 type KeyFn<K> = dyn Fn(&Request) -> K + Send + Sync;
@@ -48,6 +56,28 @@ pub(super) enum Outcome {
 struct Entry {
     id: u64,
     queue: mpsc::Sender<Job>,
+    /// The source whose share this session counts in.
+    source: IpAddr,
+}
+
+/// The source a peer's sessions count against: its IPv4 address, or the
+/// /64 of its IPv6 address (one host often holds a whole /64).
+fn source_of(peer: SocketAddr) -> IpAddr {
+    match peer.ip().to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & (u128::MAX << 64);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Why a new session was not started.
+enum Refusal {
+    /// `max_sessions` are live.
+    Full,
+    /// The source holds its share.
+    SourceFull,
 }
 
 /// The live sessions of one [`SessionService`], and their counters.
@@ -123,7 +153,14 @@ pub(super) struct Registry<S, K> {
     max_sessions: usize,
     queue_size: usize,
     idle_timeout: Duration,
-    live: Mutex<HashMap<K, Entry>>,
+    max_per_source: usize,
+    /// The sessions, by key, in shards chosen by the key's hash.
+    live: Box<[Mutex<HashMap<K, Entry>>]>,
+    hasher: RandomState,
+    /// Live sessions in all shards.
+    count: AtomicUsize,
+    /// Sessions per source, in shards chosen by the source's hash.
+    sources: Box<[Mutex<HashMap<IpAddr, usize>>]>,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
     running: AtomicUsize,
@@ -152,6 +189,7 @@ impl<S, K> crate::server::metrics::Source<SessionStats> for Registry<S, K> {
 struct Counters {
     created: AtomicU64,
     refused: AtomicU64,
+    refused_per_source: AtomicU64,
     queue_full: AtomicU64,
     closed: AtomicU64,
     timed_out: AtomicU64,
@@ -210,8 +248,12 @@ pub struct SessionStats {
     pub live: usize,
     /// Sessions started.
     pub created: u64,
-    /// Datagrams from new peers dropped because `max_sessions` were live.
+    /// Datagrams from new peers dropped because `max_sessions` were live,
+    /// or because their source held its share
+    /// ([`SessionsBuilder::max_sessions_per_source`]).
     pub refused: u64,
+    /// Of `refused`, those refused because their source held its share.
+    pub refused_per_source: u64,
     /// Datagrams dropped because their session's queue was full.
     pub queue_full: u64,
     /// Sessions ended by [`Step::close`] (from a datagram or an idle
@@ -257,6 +299,7 @@ pub struct SessionsBuilder<S, K = SocketAddr> {
     factory: Box<Factory<S>>,
     key: Box<KeyFn<K>>,
     max_sessions: usize,
+    max_per_source: Option<usize>,
     queue_size: usize,
     idle_timeout: Duration,
     name: Option<String>,
@@ -275,8 +318,8 @@ impl<S, K> fmt::Debug for SessionsBuilder<S, K> {
 
 impl<S: Session> Sessions<S, SocketAddr> {
     /// Sessions whose state `factory` creates for each new peer (the
-    /// original's `init`), keyed by peer address. The factory runs while
-    /// the session table is locked: keep it quick.
+    /// original's `init`), keyed by peer address. The factory runs on the
+    /// new session's own task, under no lock.
     ///
     /// # Example
     ///
@@ -306,6 +349,7 @@ impl<S: Session> Sessions<S, SocketAddr> {
             factory: Box::new(factory),
             key: Box::new(Request::peer),
             max_sessions: DEFAULT_MAX_SESSIONS,
+            max_per_source: None,
             queue_size: DEFAULT_QUEUE_SIZE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             name: None,
@@ -340,6 +384,33 @@ impl<S: Session, K> SessionsBuilder<S, K> {
     /// ```
     pub fn max_sessions(mut self, sessions: usize) -> Self {
         self.max_sessions = sessions;
+        self
+    }
+
+    /// Sessions one source may hold at most: an IPv4 address, or an IPv6
+    /// /64 (default: a sixteenth of [`max_sessions`](Self::max_sessions),
+    /// at least 1). Without it, one host sending from thousands of source
+    /// ports could take every session and lock new peers out until its
+    /// sessions idle out; with it, a datagram that would start a session
+    /// beyond its source's share is refused (counted in
+    /// [`SessionStats::refused_per_source`]). Raise it for peers behind a
+    /// large NAT.
+    ///
+    /// ```
+    /// # use abyss::session::{Session, Sessions, Step};
+    /// # struct Quiet;
+    /// # impl Session for Quiet {
+    /// #     async fn handle(&mut self, _request: abyss::Request) -> Step { Step::keep() }
+    /// # }
+    /// let sessions = Sessions::builder(|_peer| Quiet)
+    ///     .max_sessions(10_000)
+    ///     .max_sessions_per_source(100)
+    ///     .build()?;
+    /// # let _ = sessions;
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
+    pub fn max_sessions_per_source(mut self, sessions: usize) -> Self {
+        self.max_per_source = Some(sessions);
         self
     }
 
@@ -436,6 +507,7 @@ impl<S: Session, K> SessionsBuilder<S, K> {
             factory: self.factory,
             key: Box::new(key),
             max_sessions: self.max_sessions,
+            max_per_source: self.max_per_source,
             queue_size: self.queue_size,
             idle_timeout: self.idle_timeout,
             name: self.name,
@@ -502,6 +574,16 @@ impl<S: Session, K> SessionsBuilder<S, K> {
         if self.idle_timeout.is_zero() {
             return Err(Error::config("idle_timeout", "must be longer than zero"));
         }
+        let max_per_source = match self.max_per_source {
+            Some(0) => {
+                return Err(Error::config(
+                    "max_sessions_per_source",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => n,
+            None => (self.max_sessions / DEFAULT_SOURCE_SHARE).max(1),
+        };
         #[cfg(not(feature = "metrics"))]
         let _ = self.name;
         Ok(Sessions {
@@ -511,7 +593,11 @@ impl<S: Session, K> SessionsBuilder<S, K> {
                 max_sessions: self.max_sessions,
                 queue_size: self.queue_size,
                 idle_timeout: self.idle_timeout,
-                live: Mutex::new(HashMap::new()),
+                max_per_source,
+                live: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                hasher: RandomState::new(),
+                count: AtomicUsize::new(0),
+                sources: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 next_id: AtomicU64::new(0),
                 shutdown: watch::Sender::new(false),
                 running: AtomicUsize::new(0),
@@ -656,9 +742,10 @@ impl<S, K> Registry<S, K> {
         let c = &self.counters;
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         SessionStats {
-            live: self.lock().len(),
+            live: self.count.load(Ordering::Relaxed),
             created: load(&c.created),
             refused: load(&c.refused),
+            refused_per_source: load(&c.refused_per_source),
             queue_full: load(&c.queue_full),
             closed: load(&c.closed),
             timed_out: load(&c.timed_out),
@@ -669,9 +756,48 @@ impl<S, K> Registry<S, K> {
     }
 }
 
+impl<S, K: Hash> Registry<S, K> {
+    /// The shard of the table that holds `key`.
+    fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, Entry>> {
+        let index = self.hasher.hash_one(key) as usize % SHARDS;
+        self.live[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl<S, K> Registry<S, K> {
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, Entry>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    fn sources_of(&self, source: IpAddr) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        let index = self.hasher.hash_one(source) as usize % SHARDS;
+        self.sources[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a place for a new session of `source`, if the table and the
+    /// source's share have room.
+    fn admit(&self, source: IpAddr) -> Result<(), Refusal> {
+        let mut sources = self.sources_of(source);
+        let held = sources.get(&source).copied().unwrap_or(0);
+        if held >= self.max_per_source {
+            return Err(Refusal::SourceFull);
+        }
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max_sessions {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Full);
+        }
+        *sources.entry(source).or_default() += 1;
+        Ok(())
+    }
+
+    /// Gives back the place of an ended session of `source`.
+    fn release(&self, source: IpAddr) {
+        let mut sources = self.sources_of(source);
+        if let Some(held) = sources.get_mut(&source) {
+            *held -= 1;
+            if *held == 0 {
+                sources.remove(&source);
+            }
+        }
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -697,7 +823,9 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
     }
 
     /// Hands `request` to its session, starting one for a new peer. The
-    /// error is the reason it was dropped.
+    /// error is the reason it was dropped. Only the key's shard is locked,
+    /// and nothing slow runs under it: the session's state is made, and its
+    /// task spawned, after the lock is released.
     pub(super) fn dispatch(
         self: &Arc<Self>,
         request: Request,
@@ -705,70 +833,100 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
     ) -> Result<(), DropReason> {
         let key = (self.key)(&request);
         let job = Job { request, outcome };
-        let mut live = self.lock();
-        let job = match live.get(&key) {
-            Some(entry) => match entry.queue.try_send(job) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
-                    return Err(DropReason::Overloaded);
+        let started = {
+            let mut live = self.shard(&key);
+            let job = match live.get(&key) {
+                Some(entry) => match entry.queue.try_send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                        return Err(DropReason::Overloaded);
+                    }
+                    // The session's task is gone without unregistering (its
+                    // runtime was dropped): replace it.
+                    Err(mpsc::error::TrySendError::Closed(job)) => {
+                        if let Some(gone) = live.remove(&key) {
+                            self.release(gone.source);
+                        }
+                        job
+                    }
+                },
+                None => job,
+            };
+            let peer = job.request.peer();
+            let source = source_of(peer);
+            if let Err(refusal) = self.admit(source) {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                if matches!(refusal, Refusal::SourceFull) {
+                    self.counters
+                        .refused_per_source
+                        .fetch_add(1, Ordering::Relaxed);
                 }
-                // The session's task is gone without unregistering (its
-                // runtime was dropped): replace it.
-                Err(mpsc::error::TrySendError::Closed(job)) => {
-                    live.remove(&key);
-                    job
-                }
-            },
-            None => job,
+                tracing::debug!(target: TARGET, %peer, per_source = matches!(refusal, Refusal::SourceFull), "session refused");
+                return Err(DropReason::Overloaded);
+            }
+            self.register(&mut live, key.clone(), vec![job], source)
         };
-        if live.len() >= self.max_sessions {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(target: TARGET, peer = %job.request.peer(), "session refused: max_sessions live");
-            return Err(DropReason::Overloaded);
-        }
-        let entry = self.start(key.clone(), vec![job]);
-        live.insert(key, entry);
+        self.spawn(key, started);
         Ok(())
     }
 
-    /// Starts a session task with `jobs` already queued (at least one).
-    /// Called with the table locked.
-    fn start(self: &Arc<Self>, key: K, jobs: Vec<Job>) -> Entry {
+    /// Registers a session with `jobs` already queued (at least one) in its
+    /// shard, `live`, counting in `source`'s share (already taken).
+    fn register(
+        &self,
+        live: &mut HashMap<K, Entry>,
+        key: K,
+        jobs: Vec<Job>,
+        source: IpAddr,
+    ) -> Started {
         let first = &jobs[0].request;
         let context = SessionContext {
             peer: first.peer(),
             sender: first.sender().clone(),
         };
-        let state = (self.factory)(context.peer);
         let (queue, receiver) = mpsc::channel(self.queue_size.max(jobs.len()));
         for job in jobs {
             // Room for all: the channel was sized for them.
             let _ = queue.try_send(job);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        live.insert(key, Entry { id, queue, source });
+        Started {
+            id,
+            receiver,
+            context,
+            source,
+        }
+    }
+
+    /// Starts the task of a registered session; its state is made there.
+    fn spawn(self: &Arc<Self>, key: K, started: Started) {
         self.counters.created.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         self.publish_metrics();
         self.running.fetch_add(1, Ordering::AcqRel);
-        tracing::debug!(target: TARGET, peer = %context.peer, id, "session start");
-        tokio::spawn(self.clone().run(key, id, receiver, state, context));
-        Entry { id, queue }
+        tracing::debug!(target: TARGET, peer = %started.context.peer, id = started.id, "session start");
+        tokio::spawn(self.clone().run(key, started));
     }
 
-    async fn run(
-        self: Arc<Self>,
-        key: K,
-        id: u64,
-        mut queue: mpsc::Receiver<Job>,
-        mut state: S,
-        mut context: SessionContext,
-    ) {
+    async fn run(self: Arc<Self>, key: K, started: Started) {
+        let Started {
+            id,
+            receiver: mut queue,
+            mut context,
+            source,
+        } = started;
+        let mut state = (self.factory)(context.peer);
         let mut shutdown = self.shutdown.subscribe();
         let mut idle_timeout = self.idle_timeout;
         let mut next_wait: Option<Duration> = None;
+        // One timer for the session's life, reset at each turn.
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
         let end = loop {
             let wait = next_wait.take().unwrap_or(idle_timeout);
+            idle.as_mut().reset(tokio::time::Instant::now() + wait);
             let step = tokio::select! {
                 // Queued datagrams first: shutdown waits until the queue is empty.
                 biased;
@@ -794,7 +952,7 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
                     }
                 }
                 () = async { drop(shutdown.wait_for(|stopping| *stopping).await) } => break End::ShutDown,
-                () = tokio::time::sleep(wait) => {
+                () = idle.as_mut() => {
                     self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(target: TARGET, peer = %context.peer, id, "session idle");
                     match AssertUnwindSafe(state.on_idle(&context)).catch_unwind().await {
@@ -838,29 +996,45 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         drop(state);
-        self.finish(&key, id, queue);
+        self.finish(key, id, source, queue);
         tracing::debug!(target: TARGET, peer = %context.peer, id, "session stop");
         self.running.fetch_sub(1, Ordering::AcqRel);
         self.ended.notify_waiters();
     }
 
     /// Unregisters a session. Datagrams that reached its queue after it
-    /// decided to end go, in order, to a fresh session for the same key.
-    fn finish(self: &Arc<Self>, key: &K, id: u64, mut queue: mpsc::Receiver<Job>) {
-        let mut live = self.lock();
-        if live.get(key).is_some_and(|entry| entry.id == id) {
-            live.remove(key);
-        }
-        queue.close();
-        let mut leftovers = Vec::new();
-        while let Ok(job) = queue.try_recv() {
-            leftovers.push(job);
-        }
-        if !leftovers.is_empty() {
-            let entry = self.start(key.clone(), leftovers);
-            live.insert(key.clone(), entry);
+    /// decided to end go, in order, to a fresh session for the same key,
+    /// which keeps its place in the source's share.
+    fn finish(self: &Arc<Self>, key: K, id: u64, source: IpAddr, mut queue: mpsc::Receiver<Job>) {
+        let started = {
+            let mut live = self.shard(&key);
+            if live.get(&key).is_some_and(|entry| entry.id == id) {
+                live.remove(&key);
+            }
+            queue.close();
+            let mut leftovers = Vec::new();
+            while let Ok(job) = queue.try_recv() {
+                leftovers.push(job);
+            }
+            if leftovers.is_empty() {
+                self.release(source);
+                None
+            } else {
+                Some(self.register(&mut live, key.clone(), leftovers, source))
+            }
+        };
+        if let Some(started) = started {
+            self.spawn(key, started);
         }
     }
+}
+
+/// A session registered in the table, whose task is to start.
+struct Started {
+    id: u64,
+    receiver: mpsc::Receiver<Job>,
+    context: SessionContext,
+    source: IpAddr,
 }
 
 /// Runs a hook; a panic in it is logged, and the session ends anyway.
