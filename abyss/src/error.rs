@@ -68,7 +68,24 @@ impl Error {
         Error::Bind { addr, source }
     }
 
-    /// The option at fault, for configuration errors.
+    /// The option at fault, for configuration errors: the name of the
+    /// [`Builder`](crate::Builder) or [`UdpOptions`](crate::UdpOptions)
+    /// method that set it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::{Server, UdpOptions};
+    ///
+    /// let error = Server::bind("127.0.0.1:0").max_packet_size(0).build().unwrap_err();
+    /// assert_eq!(error.field(), Some("max_packet_size"));
+    ///
+    /// let error = Server::bind("127.0.0.1:0")
+    ///     .udp_options(UdpOptions::new().send_buffer_size(0))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(error.field(), Some("send_buffer_size"));
+    /// ```
     pub fn field(&self) -> Option<&'static str> {
         match self {
             Error::Config { field, .. } => Some(field),
@@ -77,7 +94,25 @@ impl Error {
         }
     }
 
-    /// Whether the address was already in use.
+    /// Whether the address was already in use: another socket holds the
+    /// port (unless [`UdpOptions::share_port`](crate::UdpOptions::share_port)
+    /// asks to share it).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let other = std::net::UdpSocket::bind("127.0.0.1:0")?; // another program's
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let error = Server::bind(other.local_addr()?).serve(echo).await.unwrap_err();
+    /// assert!(error.is_addr_in_use());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn is_addr_in_use(&self) -> bool {
         matches!(self, Error::Bind { source, .. } if source.kind() == io::ErrorKind::AddrInUse)
     }

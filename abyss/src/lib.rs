@@ -20,11 +20,53 @@ pub use signal::shutdown_signal;
 
 /// The transport layer: the [`Transport`](transport::Transport) trait, UDP
 /// sockets and their options (re-export of `abyss-transport`).
+///
+/// # Example
+///
+/// The server opens its sockets itself; a tool can open one too:
+///
+/// ```
+/// use abyss::transport::{Transport, UdpOptions, UdpTransport};
+///
+/// # #[tokio::main]
+/// # async fn main() -> std::io::Result<()> {
+/// let socket = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &UdpOptions::new())?;
+/// assert!(socket.local_addr()?.ip().is_loopback());
+/// # Ok(())
+/// # }
+/// ```
 pub mod transport {
     pub use abyss_transport::*;
 }
 
 /// Tower middleware for UDP services (re-export of `abyss-middleware`).
+///
+/// # Example
+///
+/// Layers stacked by hand, in front of the service:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+/// use abyss::middleware::SizeLimitLayer;
+/// use abyss::{Request, Server, ServiceBuilder};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let service = ServiceBuilder::new()
+///     .layer(SizeLimitLayer::new(1232)) // DNS's safe UDP size
+///     .service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+/// let handle = Server::bind("127.0.0.1:0")
+///     .without_packet_size_limit() // the stack has its own
+///     .serve(service)
+///     .await?;
+///
+/// let reply = abyss::client::send_recv(handle.local_addr(), b"query", Duration::from_secs(5)).await?;
+/// assert_eq!(reply, "query");
+/// handle.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 pub mod middleware {
     pub use abyss_middleware::*;
 }

@@ -78,6 +78,29 @@ impl Request {
     }
 
     /// The address the datagram came from; the reply goes here.
+    ///
+    /// # Example
+    ///
+    /// A service that tells each peer its address as the server sees it:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::client::UdpClient;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let whoami = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.peer().to_string()) });
+    /// let handle = Server::bind("127.0.0.1:0").serve(whoami).await?;
+    ///
+    /// let client = UdpClient::connect(handle.local_addr()).await?;
+    /// let reply = client.request(b"?", Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, client.local_addr()?.to_string());
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
@@ -85,38 +108,194 @@ impl Request {
     /// The address the datagram was sent to. On Linux, for a server bound to
     /// `0.0.0.0` or `::`, this is the real destination (which may be a
     /// broadcast or multicast address); elsewhere it is the bound address.
+    ///
+    /// # Example
+    ///
+    /// One server on every address, answering by the one it was asked on:
+    ///
+    /// ```
+    /// use abyss::{Request, SendHandle};
+    ///
+    /// fn zone(request: &Request) -> &'static str {
+    ///     if request.local().ip().is_loopback() { "internal" } else { "public" }
+    /// }
+    ///
+    /// let request = Request::new(
+    ///     "127.0.0.1:5000".parse().unwrap(),
+    ///     "127.0.0.1:53".parse().unwrap(),
+    ///     abyss::Bytes::new(),
+    ///     SendHandle::detached(),
+    /// );
+    /// assert_eq!(zone(&request), "internal");
+    /// ```
     pub fn local(&self) -> SocketAddr {
         self.local
     }
 
     /// The datagram's bytes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::{Bytes, Request, SendHandle};
+    ///
+    /// async fn ping(request: Request) -> Result<Option<&'static str>, std::convert::Infallible> {
+    ///     Ok(request.payload().starts_with(b"PING").then_some("PONG"))
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let peer = "192.0.2.7:5000".parse().unwrap();
+    /// let local = "192.0.2.1:7".parse().unwrap();
+    /// let request = Request::new(peer, local, Bytes::from_static(b"PING 1"), SendHandle::detached());
+    /// assert_eq!(request.payload().len(), 6);
+    /// assert_eq!(ping(request).await.unwrap(), Some("PONG"));
+    /// # }
+    /// ```
     pub fn payload(&self) -> &Bytes {
         &self.payload
     }
 
-    /// Takes the datagram's bytes.
+    /// Takes the datagram's bytes, without a copy.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::{Bytes, Request, SendHandle};
+    ///
+    /// let payload = Bytes::from(vec![1, 2, 3]);
+    /// let request = Request::new(
+    ///     "192.0.2.7:5000".parse().unwrap(),
+    ///     "192.0.2.1:7".parse().unwrap(),
+    ///     payload.clone(),
+    ///     SendHandle::detached(),
+    /// );
+    /// let taken = request.into_payload();
+    /// assert_eq!(taken.as_ptr(), payload.as_ptr(), "the same bytes, not a copy");
+    /// ```
     pub fn into_payload(self) -> Bytes {
         self.payload
     }
 
     /// When the listener took the datagram from the socket (one reading per
     /// receive batch, from tokio's clock).
+    ///
+    /// # Example
+    ///
+    /// Not answering what waited too long to be handled (the peer has
+    /// given up on it):
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss::{Request, SendHandle};
+    ///
+    /// fn is_stale(request: &Request) -> bool {
+    ///     request.received_at().elapsed() > Duration::from_secs(2)
+    /// }
+    ///
+    /// let request = Request::new(
+    ///     "192.0.2.7:5000".parse().unwrap(),
+    ///     "192.0.2.1:53".parse().unwrap(),
+    ///     abyss::Bytes::new(),
+    ///     SendHandle::detached(),
+    /// );
+    /// assert!(!is_stale(&request)); // `Request::new` takes the time now
+    /// ```
     pub fn received_at(&self) -> Instant {
         self.received_at
     }
 
     /// Typed values that layers attach for the layers and service after them.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::{Request, SendHandle};
+    ///
+    /// #[derive(Clone, Debug, PartialEq)]
+    /// struct Tenant(&'static str);
+    ///
+    /// let mut request = Request::new(
+    ///     "192.0.2.7:5000".parse().unwrap(),
+    ///     "192.0.2.1:53".parse().unwrap(),
+    ///     abyss::Bytes::new(),
+    ///     SendHandle::detached(),
+    /// );
+    /// assert_eq!(request.extensions().get::<Tenant>(), None);
+    /// request.extensions_mut().insert(Tenant("acme"));
+    /// assert_eq!(request.extensions().get::<Tenant>(), Some(&Tenant("acme")));
+    /// ```
     pub fn extensions(&self) -> &Extensions {
         &self.extensions
     }
 
     /// Mutable access to the extensions.
+    ///
+    /// # Example
+    ///
+    /// A layer that tags each request for the service behind it:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::{Request, Server, ServiceBuilder};
+    ///
+    /// #[derive(Clone)]
+    /// struct Tenant(&'static str);
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let service = ServiceBuilder::new()
+    ///     .map_request(|mut r: Request| {
+    ///         r.extensions_mut().insert(Tenant("acme"));
+    ///         r
+    ///     })
+    ///     .service_fn(|r: Request| async move {
+    ///         Ok::<_, Infallible>(r.extensions().get::<Tenant>().map(|t| t.0))
+    ///     });
+    /// let handle = Server::bind("127.0.0.1:0").serve(service).await?;
+    ///
+    /// let reply = abyss::client::send_recv(handle.local_addr(), b"who?", Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, "acme");
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn extensions_mut(&mut self) -> &mut Extensions {
         &mut self.extensions
     }
 
     /// A handle to send datagrams from the socket this one arrived on, to
     /// any address (an upstream, a broadcast address, several peers).
+    ///
+    /// # Example
+    ///
+    /// A service that copies each datagram to a monitor instead of
+    /// replying:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let monitor = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    /// let to = monitor.local_addr()?;
+    /// let mirror = service_fn(move |r: Request| async move {
+    ///     r.sender().send_to(to, r.payload()).await?;
+    ///     Ok::<_, std::io::Error>(None::<abyss::Bytes>)
+    /// });
+    /// let handle = Server::bind("127.0.0.1:0").serve(mirror).await?;
+    ///
+    /// abyss::client::UdpClient::connect(handle.local_addr()).await?.send(b"event").await?;
+    /// let mut buf = [0; 16];
+    /// let (n, from) = monitor.recv_from(&mut buf).await?;
+    /// assert_eq!(&buf[..n], b"event");
+    /// assert_eq!(from, handle.local_addr(), "sent from the server's own socket");
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn sender(&self) -> &SendHandle {
         &self.sender
     }
@@ -185,6 +364,32 @@ impl SendHandle {
 
     /// A handle with no socket behind it, for building requests in tests;
     /// every send fails with [`io::ErrorKind::NotConnected`].
+    ///
+    /// # Example
+    ///
+    /// Testing a handler without a server:
+    ///
+    /// ```
+    /// use abyss::{Bytes, Request, SendHandle};
+    ///
+    /// async fn notify(request: Request) -> std::io::Result<Option<Bytes>> {
+    ///     let upstream = "192.0.2.9:514".parse().unwrap();
+    ///     request.sender().send_to(upstream, request.payload()).await?;
+    ///     Ok(Some(Bytes::from_static(b"ok")))
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let request = Request::new(
+    ///     "192.0.2.7:5000".parse().unwrap(),
+    ///     "192.0.2.1:514".parse().unwrap(),
+    ///     Bytes::from_static(b"event"),
+    ///     SendHandle::detached(),
+    /// );
+    /// let error = notify(request).await.unwrap_err();
+    /// assert_eq!(error.kind(), std::io::ErrorKind::NotConnected);
+    /// # }
+    /// ```
     pub fn detached() -> Self {
         let transport: Weak<dyn Transport> = Weak::<Closed>::new();
         Self { transport }
@@ -192,6 +397,39 @@ impl SendHandle {
 
     /// Sends `payload` to `destination`, waiting while the socket's send
     /// buffer is full.
+    ///
+    /// # Example
+    ///
+    /// A handle kept after its request, to push to a subscriber later,
+    /// until the server stops:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::client::UdpClient;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (subscribed, mut subscriptions) = tokio::sync::mpsc::unbounded_channel();
+    /// let subscribe = service_fn(move |r: Request| {
+    ///     let _ = subscribed.send((r.peer(), r.sender().clone()));
+    ///     async { Ok::<_, Infallible>(()) } // no reply
+    /// });
+    /// let handle = Server::bind("127.0.0.1:0").serve(subscribe).await?;
+    /// let client = UdpClient::connect(handle.local_addr()).await?;
+    /// client.send(b"subscribe").await?;
+    ///
+    /// let (peer, sender) = subscriptions.recv().await.unwrap();
+    /// sender.send_to(peer, b"update").await?;
+    /// assert_eq!(client.recv(Duration::from_secs(5)).await?, "update");
+    ///
+    /// handle.shutdown().await;
+    /// let error = sender.send_to(peer, b"late").await.unwrap_err();
+    /// assert_eq!(error.kind(), std::io::ErrorKind::NotConnected);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn send_to(&self, destination: SocketAddr, payload: &[u8]) -> io::Result<()> {
         let transport = self.transport.upgrade().ok_or_else(closed)?;
         let transmit = Transmit::new(destination, payload);
@@ -206,7 +444,30 @@ impl SendHandle {
         }
     }
 
-    /// The address of the socket this handle sends from.
+    /// The address of the socket this handle sends from: the server's
+    /// address, or an error once the socket is closed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let whereami = service_fn(|r: Request| async move {
+    ///     Ok::<_, Infallible>(r.sender().local_addr().ok().map(|addr| addr.to_string()))
+    /// });
+    /// let handle = Server::bind("127.0.0.1:0").serve(whereami).await?;
+    ///
+    /// let reply = abyss::client::send_recv(handle.local_addr(), b"?", Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, handle.local_addr().to_string());
+    /// assert!(abyss::SendHandle::detached().local_addr().is_err());
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.transport.upgrade().ok_or_else(closed)?.local_addr()
     }

@@ -149,6 +149,11 @@ impl Lifecycle {
         then: ServerState,
     ) {
         debug_assert!(self.stopping.is_none());
+        // Every listener stops reading now, before anyone can see the
+        // server as draining.
+        for listener in &listeners {
+            listener.control.drain();
+        }
         state.send_replace(ServerState::Draining);
         let state = state.clone();
         self.stopping = Some(tokio::spawn(async move {
@@ -358,35 +363,31 @@ impl ServerHandle {
     /// # Example
     ///
     /// A request being handled when the shutdown begins is finished, and
-    /// answered, before the server stops:
+    /// answered, before the shutdown returns:
     ///
     /// ```
     /// use std::convert::Infallible;
-    /// use std::sync::Arc;
     /// use std::time::Duration;
     /// use abyss::client::UdpClient;
     /// use abyss::{Request, Server, ServerState, service_fn};
-    /// use tokio::sync::Semaphore;
+    /// use tokio::sync::{mpsc, oneshot};
     ///
     /// # #[tokio::main]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// let gate = Arc::new(Semaphore::new(0)); // handlers wait here until opened
-    /// let gated = service_fn({
-    ///     let gate = gate.clone();
-    ///     move |r: Request| {
-    ///         let gate = gate.clone();
-    ///         async move {
-    ///             let _pass = gate.acquire().await;
-    ///             Ok::<_, Infallible>(r.into_payload())
-    ///         }
+    /// // Each call hands over what finishes it.
+    /// let (calls, mut called) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+    /// let held = service_fn(move |r: Request| {
+    ///     let (release, released) = oneshot::channel();
+    ///     let _ = calls.send(release);
+    ///     async move {
+    ///         let _ = released.await;
+    ///         Ok::<_, Infallible>(r.into_payload())
     ///     }
     /// });
-    /// let handle = Server::bind("127.0.0.1:0").serve(gated).await?;
+    /// let handle = Server::bind("127.0.0.1:0").serve(held).await?;
     /// let client = UdpClient::connect(handle.local_addr()).await?;
     /// client.send(b"slow").await?;
-    /// while handle.stats().in_flight < 1 {
-    ///     tokio::task::yield_now().await; // until it is being handled
-    /// }
+    /// let release = called.recv().await.unwrap(); // it is being handled
     ///
     /// let shutdown = tokio::spawn({
     ///     let handle = handle.clone();
@@ -395,10 +396,10 @@ impl ServerHandle {
     /// while handle.state() != ServerState::Draining {
     ///     tokio::task::yield_now().await; // until the shutdown has begun
     /// }
-    /// gate.add_permits(1);
+    /// release.send(()).unwrap();
     ///
     /// let report = shutdown.await?;
-    /// assert_eq!((report.drained, report.aborted), (1, 0));
+    /// assert_eq!(report.aborted, 0);
     /// assert_eq!(client.recv(Duration::from_secs(5)).await?, "slow");
     /// assert_eq!(handle.state(), ServerState::Stopped);
     /// # Ok(())

@@ -39,6 +39,36 @@ pub const DEFAULT_MAX_DATAGRAM_SIZE: usize = 65_535;
 /// above what common protocols send in one datagram (DNS with EDNS 4096,
 /// DHCP, syslog, StatsD), below what a handler should have to parse from an
 /// unknown peer.
+///
+/// # Example
+///
+/// With the default, an 8192-byte payload is served and an 8193-byte one
+/// never reaches the service:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+/// use abyss::client::UdpClient;
+/// use abyss::{DEFAULT_MAX_PACKET_SIZE, Request, Server, service_fn};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+/// let handle = Server::bind("127.0.0.1:0").serve(echo).await?;
+/// let client = UdpClient::connect(handle.local_addr()).await?;
+///
+/// let reply = client.request(&[0; DEFAULT_MAX_PACKET_SIZE], Duration::from_secs(5)).await?;
+/// assert_eq!(reply.len(), DEFAULT_MAX_PACKET_SIZE);
+/// client.send(&[0; DEFAULT_MAX_PACKET_SIZE + 1]).await?;
+///
+/// while handle.stats().dropped.total() == 0 {
+///     tokio::task::yield_now().await; // until the server has dropped it
+/// }
+/// assert_eq!(handle.stats().dropped.too_large, 1);
+/// handle.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 8192;
 
 /// A UDP server: configure it with [`Server::bind`] (or [`Server::builder`]),
@@ -85,6 +115,21 @@ impl Server {
     /// flight, a 15 s shutdown timeout, 65 535-byte receive buffers,
     /// payloads over 8192 bytes dropped, no rate limit, timeout,
     /// concurrency shedding or trace layer, UDP with [`UdpOptions::new`].
+    ///
+    /// # Example
+    ///
+    /// The address can come last, once the configuration that holds it is
+    /// read:
+    ///
+    /// ```
+    /// use abyss::Server;
+    ///
+    /// let builder = Server::builder().name("syslog").listeners(2);
+    /// let port: u16 = "5514".parse().unwrap(); // from a configuration file, say
+    /// let server = builder.bind(("127.0.0.1", port)).build()?;
+    /// assert_eq!(server.addr().port(), 5514);
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn builder() -> Builder {
         Builder::new()
     }
@@ -104,13 +149,47 @@ impl Server {
         Builder::new().bind(addr)
     }
 
-    /// The address it will serve on.
+    /// The address it will serve on, as [`Builder::bind`] resolved it. With
+    /// port 0 the port is picked when it serves:
+    /// [`ServerHandle::local_addr`] tells which.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let server = abyss::Server::bind(("::1", 5353)).build()?;
+    /// assert_eq!(server.addr().to_string(), "[::1]:5353");
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn addr(&self) -> SocketAddr {
         self.config.addr
     }
 
     /// Opens the sockets and starts serving `service` on the current tokio
     /// runtime; see [`Builder::serve`].
+    ///
+    /// # Example
+    ///
+    /// Check the configuration at startup, before anything else starts,
+    /// and open the sockets later:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = Server::bind("127.0.0.1:0").listeners(1).build()?;
+    /// // ... load data, connect to upstreams ...
+    /// let pong = service_fn(|_: Request| async { Ok::<_, Infallible>("pong") });
+    /// let handle = server.serve(pong).await?;
+    ///
+    /// let reply = abyss::client::send_recv(handle.local_addr(), b"ping", Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, "pong");
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn serve<S>(self, service: S) -> Result<ServerHandle, Error>
     where
         S: Service<Request> + Clone + Send + 'static,
@@ -150,6 +229,36 @@ impl Server {
 }
 
 /// Where service futures run; see [`Builder::dispatch`].
+///
+/// # Example
+///
+/// A handler that computes before it answers, spawned so that a busy peer
+/// does not hold its listener:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+/// use abyss::{Dispatch, Request, Server, service_fn};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let checksum = service_fn(|r: Request| async move {
+///     // The work is inside the future: it runs on whichever worker is free.
+///     let sum = r.payload().iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
+///     Ok::<_, Infallible>(vec![sum])
+/// });
+/// let handle = Server::bind("127.0.0.1:0")
+///     .dispatch(Dispatch::Spawn)
+///     .serve(checksum)
+///     .await?;
+///
+/// let reply = abyss::client::send_recv(handle.local_addr(), &[1, 2, 3], Duration::from_secs(5)).await?;
+/// assert_eq!(reply, &[6][..]);
+/// assert_eq!(Dispatch::default(), Dispatch::Auto);
+/// handle.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Dispatch {
@@ -246,6 +355,7 @@ impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("addr", &self.addr)
+            .field("name", &self.name)
             .field("listeners", &self.listeners)
             .field("max_in_flight", &self.max_in_flight)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -266,7 +376,24 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// The defaults; see [`Server::builder`].
+    /// The defaults; see [`Server::builder`]. `Builder::default()` is the
+    /// same.
+    ///
+    /// # Example
+    ///
+    /// Options set only when asked for:
+    ///
+    /// ```
+    /// use abyss::Builder;
+    ///
+    /// let verbose = std::env::args().any(|arg| arg == "--verbose");
+    /// let mut builder = Builder::new().bind("127.0.0.1:0");
+    /// if verbose {
+    ///     builder = builder.trace(true);
+    /// }
+    /// let server = builder.build()?;
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn new() -> Self {
         Self {
             addr: None,
@@ -293,6 +420,25 @@ impl Builder {
     /// a library should not expose a service on every interface unless
     /// asked to (`"0.0.0.0:53"`, `"[::]:53"`). Port 0 picks a free port,
     /// shared by every listener; [`ServerHandle::local_addr`] tells which.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::{Ipv4Addr, SocketAddr};
+    /// use abyss::Builder;
+    ///
+    /// // A string, a (host, port) pair or a SocketAddr, as tokio takes them.
+    /// let text = Builder::new().bind("127.0.0.1:5353").build()?;
+    /// let pair = Builder::new().bind((Ipv4Addr::LOCALHOST, 5353)).build()?;
+    /// let addr = Builder::new().bind(SocketAddr::from(([127, 0, 0, 1], 5353))).build()?;
+    /// assert_eq!(text.addr(), pair.addr());
+    /// assert_eq!(pair.addr(), addr.addr());
+    ///
+    /// // One that is not an address fails `build`, naming `bind`.
+    /// let error = Builder::new().bind("127.0.0.1").build().unwrap_err();
+    /// assert_eq!(error.field(), Some("bind"));
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn bind(mut self, addr: impl ToSocketAddrs) -> Self {
         self.addr = Some(match addr.to_socket_addrs() {
             Ok(mut addrs) => addrs
@@ -306,6 +452,19 @@ impl Builder {
     /// A name for this server in logs and metrics (the `server` label), to
     /// tell several servers of one process apart. Default: the address it
     /// serves on.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::Server;
+    ///
+    /// // Two servers of one process, told apart in logs and metrics.
+    /// let dns = Server::bind("127.0.0.1:0").name("dns").build()?;
+    /// let dhcp = Server::bind("127.0.0.1:0").name("dhcp").build()?;
+    /// assert!(format!("{dns:?}").contains(r#"name: Some("dns")"#));
+    /// # drop(dhcp);
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
@@ -322,6 +481,22 @@ impl Builder {
     /// the others skip their copies (counted in
     /// [`Stats::group_copies_skipped`]), so each is handled once whatever
     /// the number of listeners.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::Error> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").listeners(4).serve(echo).await?;
+    /// assert_eq!(handle.live_listeners(), 4); // four sockets on one port
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn listeners(mut self, listeners: usize) -> Self {
         self.listeners = Some(listeners);
         self
@@ -333,6 +508,20 @@ impl Builder {
     /// arrives meanwhile waits in (or, once full, is dropped by) the kernel's
     /// socket buffer, counted in [`Stats::reads_paused`] and
     /// [`Stats::kernel_drops`]. Must be at least the number of listeners.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::Server;
+    ///
+    /// // At most 1024 payloads in memory: 256 per listener.
+    /// let server = Server::bind("127.0.0.1:0").listeners(4).max_in_flight(1024).build()?;
+    ///
+    /// // Each listener needs a share of at least one.
+    /// let error = Server::bind("127.0.0.1:0").listeners(4).max_in_flight(2).build().unwrap_err();
+    /// assert_eq!(error.field(), Some("max_in_flight"));
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn max_in_flight(mut self, requests: usize) -> Self {
         self.max_in_flight = requests;
         self
@@ -340,6 +529,38 @@ impl Builder {
 
     /// How long [`ServerHandle::shutdown`] and [`ServerHandle::suspend`] wait
     /// for requests in flight before aborting them (default 15 s).
+    ///
+    /// # Example
+    ///
+    /// A request that never finishes holds a shutdown for the timeout, then
+    /// is aborted:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::client::UdpClient;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (started, mut has_started) = tokio::sync::mpsc::unbounded_channel();
+    /// let stuck = service_fn(move |_: Request| {
+    ///     let _ = started.send(());
+    ///     std::future::pending::<Result<(), Infallible>>()
+    /// });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .shutdown_timeout(Duration::from_millis(100))
+    ///     .serve(stuck)
+    ///     .await?;
+    /// UdpClient::connect(handle.local_addr()).await?.send(b"hello").await?;
+    /// has_started.recv().await;
+    ///
+    /// let report = handle.shutdown().await; // returns after 100 ms
+    /// assert_eq!((report.drained, report.aborted), (0, 1));
+    /// assert_eq!(handle.stats().dropped.aborted, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
@@ -356,6 +577,35 @@ impl Builder {
     /// unless memory is tight (each listener keeps up to 1 MiB of receive
     /// buffers): a datagram between the two limits is then counted as
     /// `too_large`, which says what to change, rather than `truncated`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::client::UdpClient;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .max_datagram_size(512) // memory is tight, and peers send little
+    ///     .serve(echo)
+    ///     .await?;
+    /// let client = UdpClient::connect(handle.local_addr()).await?;
+    ///
+    /// assert_eq!(client.request(&[0; 512], Duration::from_secs(5)).await?.len(), 512);
+    /// client.send(&[0; 600]).await?; // cut short by the kernel
+    ///
+    /// while handle.stats().dropped.total() == 0 {
+    ///     tokio::task::yield_now().await; // until the server has dropped it
+    /// }
+    /// assert_eq!(handle.stats().dropped.truncated, 1);
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn max_datagram_size(mut self, bytes: usize) -> Self {
         self.max_datagram_size = bytes;
         self
@@ -384,7 +634,26 @@ impl Builder {
         self
     }
 
-    /// UDP socket options (the original's `transport_options`).
+    /// UDP socket options (the original's `transport_options`), checked by
+    /// [`build`](Builder::build).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::{Server, UdpOptions};
+    ///
+    /// // A larger receive queue, to ride out bursts.
+    /// let server = Server::bind("127.0.0.1:0")
+    ///     .udp_options(UdpOptions::new().recv_buffer_size(4 << 20))
+    ///     .build()?;
+    ///
+    /// let error = Server::bind("127.0.0.1:0")
+    ///     .udp_options(UdpOptions::new().recv_buffer_size(0))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(error.field(), Some("recv_buffer_size"));
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn udp_options(mut self, options: UdpOptions) -> Self {
         self.udp = options;
         self
@@ -392,6 +661,49 @@ impl Builder {
 
     /// Serves on a custom transport instead of UDP sockets; the UDP options
     /// are then ignored.
+    ///
+    /// # Example
+    ///
+    /// UDP sockets opened by a [`Bind`] of your own, which counts them (the
+    /// transports are [`UdpOptions`]' own, so batching is kept):
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::net::SocketAddr;
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use abyss::transport::{Bind, Transport};
+    /// use abyss::{Request, Server, UdpOptions, service_fn};
+    ///
+    /// #[derive(Debug, Default, Clone)]
+    /// struct Counted {
+    ///     udp: UdpOptions,
+    ///     opened: Arc<AtomicUsize>,
+    /// }
+    ///
+    /// impl Bind for Counted {
+    ///     fn bind_group(&self, addr: SocketAddr, count: usize) -> std::io::Result<Vec<Arc<dyn Transport>>> {
+    ///         self.opened.fetch_add(count, Ordering::Relaxed);
+    ///         self.udp.bind_group(addr, count)
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::Error> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let counted = Counted::default();
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .listeners(2)
+    ///     .transport(counted.clone())
+    ///     .serve(echo)
+    ///     .await?;
+    /// handle.suspend().await?;
+    /// handle.resume().await?; // opens the group again
+    /// assert_eq!(counted.opened.load(Ordering::Relaxed), 4);
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn transport(mut self, bind: impl Bind) -> Self {
         self.transport = Some(Arc::new(bind));
         self
@@ -403,13 +715,59 @@ impl Builder {
     /// [`SizeLimitLayer`](crate::middleware::SizeLimitLayer). See
     /// [`max_datagram_size`](Builder::max_datagram_size) for how the two
     /// differ.
+    ///
+    /// # Example
+    ///
+    /// Raised for a protocol whose datagrams are larger than the default:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").max_packet_size(16 * 1024).serve(echo).await?;
+    ///
+    /// let big = vec![0; 12_000]; // over the default 8192
+    /// let reply = abyss::client::send_recv(handle.local_addr(), &big, Duration::from_secs(5)).await?;
+    /// assert_eq!(reply.len(), 12_000);
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn max_packet_size(mut self, bytes: usize) -> Self {
         self.layers.max_packet_size = Some(bytes);
         self
     }
 
     /// Removes the default [`max_packet_size`](Builder::max_packet_size)
-    /// limit.
+    /// limit, so that the service sees every datagram the receive buffer
+    /// holds (see [`max_datagram_size`](Builder::max_datagram_size)). Use
+    /// it when the service checks sizes itself, or a
+    /// [`SizeLimitLayer`](crate::middleware::SizeLimitLayer) of its own
+    /// does.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0").without_packet_size_limit().serve(echo).await?;
+    ///
+    /// let huge = vec![0; 60_000];
+    /// let reply = abyss::client::send_recv(handle.local_addr(), &huge, Duration::from_secs(5)).await?;
+    /// assert_eq!(reply.len(), 60_000);
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn without_packet_size_limit(mut self) -> Self {
         self.layers.max_packet_size = None;
         self
@@ -422,13 +780,71 @@ impl Builder {
     /// for a [`PeerRateLimiter`](crate::middleware::PeerRateLimiter)'s
     /// layer; [`ServerHandle::rate_limiter`] gives it back to change the
     /// quota while serving. Off by default.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::client::UdpClient;
+    /// use abyss::middleware::RateQuota;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .rate_limit(RateQuota::new(1, Duration::from_secs(60))) // one a minute per peer
+    ///     .serve(echo)
+    ///     .await?;
+    /// let client = UdpClient::connect(handle.local_addr()).await?;
+    ///
+    /// assert_eq!(client.request(b"first", Duration::from_secs(5)).await?, "first");
+    /// client.send(b"second").await?; // over the quota
+    ///
+    /// while handle.stats().dropped.total() == 0 {
+    ///     tokio::task::yield_now().await; // until the server has dropped it
+    /// }
+    /// assert_eq!(handle.stats().dropped.rate_limited, 1);
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn rate_limit(mut self, quota: RateQuota) -> Self {
         self.layers.rate_limit = Some(RateLimitOption::Quota(quota));
         self
     }
 
     /// Like [`rate_limit`](Builder::rate_limit), with a limiter you built
-    /// (other prefixes or table size).
+    /// (other prefixes or table size). The server shares it: what you do
+    /// with your clone, the server's limiter does.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::middleware::{PeerRateLimiter, RateQuota};
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // One allowance per IPv4 /24 and IPv6 /56, for at most 1024 of them.
+    /// let limiter = PeerRateLimiter::builder(RateQuota::per_second(100))
+    ///     .prefixes(24, 56)
+    ///     .max_tracked_peers(1024)
+    ///     .build()?;
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .rate_limiter(limiter.clone())
+    ///     .serve(echo)
+    ///     .await?;
+    ///
+    /// limiter.set_quota(RateQuota::per_second(10))?;
+    /// assert_eq!(handle.rate_limiter().unwrap().quota().max(), 10);
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn rate_limiter(mut self, limiter: PeerRateLimiter) -> Self {
         self.layers.rate_limit = Some(RateLimitOption::Limiter(limiter));
         self
@@ -439,6 +855,34 @@ impl Builder {
     /// [`TimeoutLayer`](tower::timeout::TimeoutLayer). Off by default: a
     /// timer per request costs time on every datagram, and most handlers
     /// answer at once.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::{Duration, Instant};
+    /// use abyss::client::UdpClient;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let stuck = service_fn(|_: Request| std::future::pending::<Result<(), Infallible>>());
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .timeout(Duration::from_millis(50))
+    ///     .serve(stuck)
+    ///     .await?;
+    /// let sent = Instant::now();
+    /// UdpClient::connect(handle.local_addr()).await?.send(b"hello").await?;
+    ///
+    /// while handle.stats().dropped.timed_out == 0 {
+    ///     tokio::task::yield_now().await;
+    /// }
+    /// assert!(sent.elapsed() >= Duration::from_millis(50));
+    /// assert_eq!(handle.stats().in_flight, 0); // given up on: no reply
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.layers.timeout = Some(timeout);
         self
@@ -451,6 +895,47 @@ impl Builder {
     /// tower's `ConcurrencyLimit`, it never waits. Shortcut for
     /// [`ConcurrencyShedLayer`](crate::middleware::ConcurrencyShedLayer).
     /// Off by default.
+    ///
+    /// # Example
+    ///
+    /// One request at a time; a second one that arrives meanwhile is shed:
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::time::Duration;
+    /// use abyss::client::UdpClient;
+    /// use abyss::{Request, Server, service_fn};
+    /// use tokio::sync::{mpsc, oneshot};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Each call hands over what finishes it.
+    /// let (calls, mut called) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+    /// let held = service_fn(move |r: Request| {
+    ///     let (release, released) = oneshot::channel();
+    ///     let _ = calls.send(release);
+    ///     async move {
+    ///         let _ = released.await;
+    ///         Ok::<_, Infallible>(r.into_payload())
+    ///     }
+    /// });
+    /// let handle = Server::bind("127.0.0.1:0").concurrency_shed(1).serve(held).await?;
+    /// let client = UdpClient::connect(handle.local_addr()).await?;
+    ///
+    /// client.send(b"first").await?;
+    /// let release = called.recv().await.unwrap(); // it is being handled
+    /// client.send(b"second").await?;
+    /// while handle.stats().dropped.total() == 0 {
+    ///     tokio::task::yield_now().await; // until the server has dropped it
+    /// }
+    /// assert_eq!(handle.stats().dropped.overloaded, 1);
+    ///
+    /// release.send(()).unwrap();
+    /// assert_eq!(client.recv(Duration::from_secs(5)).await?, "first");
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn concurrency_shed(mut self, max: usize) -> Self {
         self.layers.concurrency_shed = Some(max);
         self
@@ -460,7 +945,17 @@ impl Builder {
     /// address and length) and logs replies with their latency and
     /// failures. Shortcut for
     /// [`TraceLayer::new`](crate::middleware::TraceLayer::new). Off by
-    /// default.
+    /// default. The spans and events go to the `tracing` subscriber the
+    /// program installs.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// // On when asked for, e.g. from the environment.
+    /// let trace = std::env::var_os("TRACE_DATAGRAMS").is_some();
+    /// let server = abyss::Server::bind("127.0.0.1:0").trace(trace).build()?;
+    /// # Ok::<(), abyss::Error>(())
+    /// ```
     pub fn trace(mut self, on: bool) -> Self {
         self.layers.trace = on;
         self
@@ -471,6 +966,37 @@ impl Builder {
     /// end state that lives beside the sockets, such as
     /// [`Sessions::shutdown`](crate::session::Sessions::shutdown). Hooks
     /// do not run on suspend.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::Error> {
+    /// let flushed = Arc::new(AtomicBool::new(false));
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .on_shutdown({
+    ///         let flushed = flushed.clone();
+    ///         move || {
+    ///             let flushed = flushed.clone();
+    ///             async move { flushed.store(true, Ordering::SeqCst) } // flush a cache, say
+    ///         }
+    ///     })
+    ///     .serve(echo)
+    ///     .await?;
+    ///
+    /// handle.suspend().await?;
+    /// assert!(!flushed.load(Ordering::SeqCst), "hooks do not run on suspend");
+    /// handle.shutdown().await;
+    /// assert!(flushed.load(Ordering::SeqCst));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn on_shutdown<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -590,6 +1116,40 @@ impl Builder {
     ///
     /// The server runs until [`ServerHandle::shutdown`] (or
     /// [`ServerHandle::shutdown_on`]); dropping the handle does not stop it.
+    ///
+    /// # Example
+    ///
+    /// A service that fails on some requests: the peer gets no reply, and
+    /// the server counts it and goes on.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use abyss::client::UdpClient;
+    /// use abyss::{BoxError, Bytes, Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let upper = service_fn(|r: Request| async move {
+    ///     if !r.payload().is_ascii() {
+    ///         return Err(BoxError::from("not ASCII"));
+    ///     }
+    ///     Ok(Some(Bytes::from(r.payload().to_ascii_uppercase())))
+    /// });
+    /// let handle = Server::bind("127.0.0.1:0").serve(upper).await?;
+    /// let client = UdpClient::connect(handle.local_addr()).await?;
+    ///
+    /// assert_eq!(client.request(b"hi", Duration::from_secs(5)).await?, "HI");
+    /// client.send(&[0xff]).await?; // fails: no reply
+    ///
+    /// while handle.stats().dropped.total() == 0 {
+    ///     tokio::task::yield_now().await; // until the server has dropped it
+    /// }
+    /// handle.shutdown().await; // nothing in flight any more: the counts are final
+    /// let stats = handle.stats();
+    /// assert_eq!((stats.replied, stats.dropped.handler_error), (1, 1));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn serve<S>(self, service: S) -> Result<ServerHandle, Error>
     where
         S: Service<Request> + Clone + Send + 'static,

@@ -18,7 +18,35 @@ use crate::middleware::DropReason;
 /// `accepted == received + kernel_drops + unread_at_close`
 ///
 /// (for broadcast and multicast, see `group_copies_skipped`). Counters
-/// survive suspend/resume and only grow.
+/// survive suspend/resume and only grow: [`Stats::since`] gives the
+/// counts of an interval.
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::time::Duration;
+/// use abyss::{Request, Server, service_fn};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+/// let handle = Server::bind("127.0.0.1:0").serve(echo).await?;
+/// abyss::client::send_recv(handle.local_addr(), b"ping", Duration::from_secs(5)).await?;
+///
+/// // In any snapshot, every datagram received is accounted for.
+/// let stats = handle.stats();
+/// assert_eq!(
+///     stats.received,
+///     stats.replied + stats.no_reply + stats.dropped.total() + stats.in_flight
+/// );
+///
+/// handle.shutdown().await;
+/// let stats = handle.stats();
+/// assert_eq!((stats.received, stats.replied, stats.in_flight), (1, 1, 0));
+/// # Ok(())
+/// # }
+/// ```
 ///
 /// # Metrics
 ///
@@ -172,6 +200,32 @@ impl Stats {
 }
 
 /// Dropped datagrams by reason; see [`Stats`].
+///
+/// Each reason says what to look at; so do the logs, at WARN or INFO from
+/// the first drop of each reason on.
+///
+/// # Example
+///
+/// ```
+/// use abyss::Drops;
+///
+/// fn advice(drops: &Drops) -> Option<&'static str> {
+///     if drops.too_large > 0 {
+///         Some("raise Builder::max_packet_size")
+///     } else if drops.truncated > 0 {
+///         Some("raise Builder::max_datagram_size")
+///     } else if drops.handler_error + drops.panicked > 0 {
+///         Some("read the handler's errors in the logs")
+///     } else {
+///         None
+///     }
+/// }
+///
+/// let mut drops = Drops::default(); // in a program: `handle.stats().dropped`
+/// assert_eq!(advice(&drops), None);
+/// drops.too_large = 1;
+/// assert_eq!(advice(&drops), Some("raise Builder::max_packet_size"));
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Drops {
@@ -204,7 +258,16 @@ pub struct Drops {
 }
 
 impl Drops {
-    /// All dropped datagrams.
+    /// All dropped datagrams: the sum of every reason.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let mut drops = abyss::Drops::default();
+    /// drops.rate_limited = 2;
+    /// drops.timed_out = 1;
+    /// assert_eq!(drops.total(), 3);
+    /// ```
     pub fn total(&self) -> u64 {
         self.truncated
             + self.handler_error
