@@ -25,6 +25,28 @@ pub fn echo() -> impl tower::Service<
     tower::service_fn(|request: Request| async move { Ok(Some(request.into_payload())) })
 }
 
+/// An echo whose requests each wait for a permit from `gate` (and use it
+/// up): the test decides when each may finish, or, giving none, keeps them
+/// in flight.
+pub fn gated(
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+) -> impl tower::Service<
+    Request,
+    Response = Bytes,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Bytes, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |request: Request| {
+        let gate = gate.clone();
+        async move {
+            gate.acquire().await.expect("the gate stays open").forget();
+            Ok(request.into_payload())
+        }
+    })
+}
+
 /// A UDP socket on an ephemeral port of `ip`.
 pub async fn client_on(ip: &str) -> UdpSocket {
     UdpSocket::bind((ip, 0))

@@ -9,7 +9,8 @@ use std::time::Duration;
 use abyss::transport::{MulticastV4, UdpOptions};
 use abyss::{Request, Server};
 use abyss_tests::{
-    PATIENCE, ask, assert_accounted, client, client_on, echo, recv_within, settled, wait_for_stats,
+    PATIENCE, ask, assert_accounted, client, client_on, echo, gated, recv_within, settled,
+    wait_for_stats,
 };
 use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
@@ -501,16 +502,7 @@ async fn a_slow_service_leaves_datagrams_in_the_kernel_and_serves_them_later() {
     let gate = Arc::new(Semaphore::new(0));
     let service = tower::ServiceBuilder::new()
         .concurrency_limit(1)
-        .service(service_fn({
-            let gate = gate.clone();
-            move |request: Request| {
-                let gate = gate.clone();
-                async move {
-                    gate.acquire().await.expect("gate open").forget();
-                    Ok::<_, Infallible>(request.into_payload())
-                }
-            }
-        }));
+        .service(gated(gate.clone()));
     let handle = Server::bind(loopback())
         .listeners(1)
         .serve(service)
@@ -760,27 +752,6 @@ async fn a_broadcast_datagram_is_handled_once_whatever_the_number_of_listeners()
     handle.shutdown().await;
 }
 
-/// An echo whose requests wait for a permit from `gate` (none comes: they
-/// stay in flight until aborted).
-fn held_by(
-    gate: Arc<Semaphore>,
-) -> impl tower::Service<
-    Request,
-    Response = Bytes,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Bytes, Infallible>> + Send,
-> + Clone
-+ Send
-+ 'static {
-    service_fn(move |request: Request| {
-        let gate = gate.clone();
-        async move {
-            let _permit = gate.acquire().await;
-            Ok(request.into_payload())
-        }
-    })
-}
-
 #[tokio::test]
 async fn datagrams_queued_when_the_socket_closes_are_counted_as_unread() {
     let gate = Arc::new(Semaphore::new(0));
@@ -788,7 +759,7 @@ async fn datagrams_queued_when_the_socket_closes_are_counted_as_unread() {
         .listeners(1)
         .max_in_flight(1)
         .shutdown_timeout(Duration::from_millis(50))
-        .serve(held_by(gate.clone()))
+        .serve(gated(gate.clone()))
         .await
         .unwrap();
     let socket = client().await;
@@ -821,7 +792,7 @@ async fn a_suspended_server_counts_what_was_queued_and_refuses_what_comes_after(
         .listeners(2)
         .max_in_flight(2)
         .shutdown_timeout(Duration::from_millis(50))
-        .serve(held_by(gate.clone()))
+        .serve(gated(gate.clone()))
         .await
         .unwrap();
     let mut sent = 0u64;

@@ -245,8 +245,8 @@ where
         }
         // Each future's destructor runs under a catch (see `Staged`).
         self.in_flight.clear();
-        // Their peers are not known here: no `stop` for them.
-        self.spawned.abort_all();
+        // Dropping the set aborts its tasks. Their peers are not known
+        // here: no `stop` for them.
         self.spawned = tokio::task::JoinSet::new();
         for peer in self.outbox.clear() {
             tracing::trace!(target: CONNECTION, peer = %peer, outcome = "aborted", "stop");
@@ -309,13 +309,7 @@ where
                     Readiness::Ready => self.dispatch(received, cx),
                     Readiness::Unknown => unreachable!("poll_service_ready leaves a result"),
                     Readiness::Failed(error) => {
-                        self.count(received.peer, Outcome::HandlerError);
-                        self.drop_log.note(
-                            self.settings.index,
-                            received.peer,
-                            Outcome::HandlerError,
-                            Some(&error),
-                        );
+                        self.count_because(received.peer, Outcome::HandlerError, Some(&error));
                         let _ = drop_value(error);
                     }
                     Readiness::Panicked(message) => self.panicked(received.peer, &message),
@@ -479,12 +473,6 @@ where
                     });
                 } else {
                     self.count(done.peer, Outcome::RefusedDestination);
-                    self.drop_log.note(
-                        self.settings.index,
-                        done.peer,
-                        Outcome::RefusedDestination,
-                        None,
-                    );
                 }
             }
             Finished::Reply(None) => self.count(done.peer, Outcome::NoReply),
@@ -493,11 +481,9 @@ where
                     Some(reason) => Outcome::Layer(reason),
                     None => Outcome::HandlerError,
                 };
-                self.count(done.peer, outcome);
                 let cause: &dyn std::fmt::Display = &error;
                 let cause = matches!(outcome, Outcome::HandlerError).then_some(cause);
-                self.drop_log
-                    .note(self.settings.index, done.peer, outcome, cause);
+                self.count_because(done.peer, outcome, cause);
                 if let Err(message) = drop_value(error) {
                     tracing::error!(target: CONNECTION, panic = message, "an error's destructor panicked");
                 }
@@ -525,10 +511,23 @@ where
         }
     }
 
-    /// Counts one datagram's outcome, with its `stop` event.
-    fn count(&self, peer: SocketAddr, outcome: Outcome) {
+    /// Counts one datagram's outcome, with its `stop` event and, for a
+    /// drop, the rate-limited line that explains it.
+    fn count(&mut self, peer: SocketAddr, outcome: Outcome) {
+        self.count_because(peer, outcome, None);
+    }
+
+    /// [`count`](Self::count), with the service's error that caused a drop.
+    fn count_because(
+        &mut self,
+        peer: SocketAddr,
+        outcome: Outcome,
+        cause: Option<&dyn std::fmt::Display>,
+    ) {
         tracing::trace!(target: CONNECTION, peer = %peer, outcome = outcome.as_str(), "stop");
-        self.counters().finished(outcome, 1);
+        self.counters[self.settings.index].finished(outcome, 1);
+        self.drop_log
+            .note(self.settings.index, peer, outcome, cause);
     }
 }
 
