@@ -22,7 +22,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -308,11 +308,13 @@ impl<T: Totals, S: ?Sized + Source<T>, K> Series<T, S, K> {
         self.lock().retired.add(&counts.retired());
     }
 
-    /// The label's counts now. The live sources are read outside the lock,
-    /// held in `scratch` (kept by the caller so that rounds do not
-    /// allocate): dropping the last handle to one retires it, which takes
-    /// the lock.
-    fn totals(&self, scratch: &mut Vec<Arc<S>>) -> T {
+    /// Computes the label's counts now and hands them to `publish`. The
+    /// live sources are read outside the lock, held in `scratch` (kept by
+    /// the caller so that rounds do not allocate) until `publish` is done:
+    /// dropping the last handle to one retires it, which takes the lock and
+    /// publishes its final counts, which must come after these, never
+    /// before.
+    fn publish_totals<R>(&self, scratch: &mut Vec<Arc<S>>, publish: impl FnOnce(&T) -> R) -> R {
         let mut totals = {
             let mut state = self.lock();
             state.live.retain(|live| live.strong_count() > 0);
@@ -322,8 +324,9 @@ impl<T: Totals, S: ?Sized + Source<T>, K> Series<T, S, K> {
         for source in scratch.iter() {
             source.add_to(&mut totals);
         }
+        let published = publish(&totals);
         scratch.clear();
-        totals
+        published
     }
 }
 
@@ -426,15 +429,21 @@ pub(crate) struct Server {
     series: OnceLock<Arc<ServerSeries>>,
     /// Publish now: a socket opened or closed.
     wake: Notify,
+    /// The server's listeners, and how many of their counters have gone:
+    /// the last one publishes.
+    listeners: usize,
+    retired: AtomicUsize,
 }
 
 impl Server {
-    pub(crate) fn new(name: Option<&str>) -> Arc<Self> {
+    pub(crate) fn new(name: Option<&str>, listeners: usize) -> Arc<Self> {
         Arc::new(Self {
             name: name.map(str::to_owned),
             counters: OnceLock::new(),
             series: OnceLock::new(),
             wake: Notify::new(),
+            listeners,
+            retired: AtomicUsize::new(0),
         })
     }
 
@@ -443,6 +452,7 @@ impl Server {
         Listener {
             server: Some(self.clone()),
             handling: Mutex::new(Histogram::noop()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -475,8 +485,9 @@ async fn publish_server(server: Arc<Server>) {
         let Some(series) = server.series.get() else {
             continue;
         };
-        let totals = series.totals(&mut scratch);
-        let handling = ::metrics::with_recorder(|recorder| series.keys.publish(recorder, &totals));
+        let handling = series.publish_totals(&mut scratch, |totals| {
+            ::metrics::with_recorder(|recorder| series.keys.publish(recorder, totals))
+        });
         for listener in counters.iter() {
             listener.metrics().set_handling(handling.clone());
         }
@@ -488,9 +499,27 @@ pub(crate) struct Listener {
     /// `None` for counters of no server (unit tests).
     server: Option<Arc<Server>>,
     /// Where `abyss_handling_seconds` samples go, set by the publisher each
-    /// round from the recorder installed then. Taken once per datagram by
-    /// its listener, and once per round by the publisher.
+    /// round from the recorder installed then. The listener keeps its own
+    /// copy ([`Handling`]) and takes this one only when `generation` says
+    /// it changed: no lock per datagram.
     handling: Mutex<Histogram>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// A listener driver's own handle on `abyss_handling_seconds`, refreshed
+/// from its [`Listener`] when the publisher installs a new one.
+#[derive(Default)]
+pub(crate) struct Handling {
+    generation: u64,
+    histogram: Option<Histogram>,
+}
+
+impl fmt::Debug for Handling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handling")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Listener {
@@ -498,6 +527,7 @@ impl Default for Listener {
         Self {
             server: None,
             handling: Mutex::new(Histogram::noop()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -516,12 +546,23 @@ impl fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Records one datagram's handling time.
-    pub(crate) fn record(&self, seconds: f64) {
-        self.handling
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .record(seconds);
+    /// Records one datagram's handling time through the driver's own
+    /// handle, refreshed only when the publisher installed a new one (one
+    /// relaxed load per datagram otherwise).
+    pub(crate) fn record(&self, own: &mut Handling, seconds: f64) {
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        if own.histogram.is_none() || own.generation != generation {
+            own.histogram = Some(
+                self.handling
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+            );
+            own.generation = generation;
+        }
+        if let Some(histogram) = &own.histogram {
+            histogram.record(seconds);
+        }
     }
 
     fn set_handling(&self, handling: Histogram) {
@@ -529,6 +570,8 @@ impl Listener {
             &mut *self.handling.lock().unwrap_or_else(PoisonError::into_inner),
             handling,
         );
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         drop(old);
     }
 
@@ -572,16 +615,23 @@ impl Listener {
     }
 
     /// The listener's counters are going away: keep what they counted in
-    /// the label's series, and publish it, as no round of the server's
-    /// will (its publisher stops when it finds the counters gone).
+    /// the label's series; the server's last listener to go publishes the
+    /// whole, as no round of the server's will (its publisher stops when
+    /// it finds the counters gone). Publishing once per server, not once
+    /// per listener, never shows a partial total.
     pub(crate) fn retire(&self, counters: &Counters) {
-        if let Some(series) = self.server.as_ref().and_then(|s| s.series.get()) {
-            let mut stats = Stats::default();
-            counters.add_to(&mut stats);
-            series.retire(stats);
-            let totals = series.totals(&mut Vec::new());
-            drop(::metrics::with_recorder(|recorder| {
-                series.keys.publish(recorder, &totals)
+        let Some(server) = &self.server else {
+            return;
+        };
+        let Some(series) = server.series.get() else {
+            return;
+        };
+        let mut stats = Stats::default();
+        counters.add_to(&mut stats);
+        series.retire(stats);
+        if server.retired.fetch_add(1, Ordering::AcqRel) + 1 >= server.listeners {
+            drop(series.publish_totals(&mut Vec::new(), |totals| {
+                ::metrics::with_recorder(|recorder| series.keys.publish(recorder, totals))
             }));
         }
     }
@@ -684,8 +734,9 @@ impl Sessions {
     /// series, and publish it, as its publisher will not again.
     pub(crate) fn retire(&self, stats: SessionStats) {
         self.series.retire(stats);
-        let totals = self.series.totals(&mut Vec::new());
-        ::metrics::with_recorder(|recorder| self.series.keys.publish(recorder, &totals));
+        self.series.publish_totals(&mut Vec::new(), |totals| {
+            ::metrics::with_recorder(|recorder| self.series.keys.publish(recorder, totals))
+        });
     }
 }
 
@@ -698,7 +749,8 @@ async fn publish_sessions(series: Arc<SessionSeries>, table: Weak<SessionSource>
         if table.strong_count() == 0 {
             return;
         }
-        let totals = series.totals(&mut scratch);
-        ::metrics::with_recorder(|recorder| series.keys.publish(recorder, &totals));
+        series.publish_totals(&mut scratch, |totals| {
+            ::metrics::with_recorder(|recorder| series.keys.publish(recorder, totals))
+        });
     }
 }

@@ -416,7 +416,7 @@ impl Counters {
     pub(crate) fn for_server(listeners: usize, name: Option<&str>) -> std::sync::Arc<[Counters]> {
         #[cfg(feature = "metrics")]
         {
-            let server = super::metrics::Server::new(name);
+            let server = super::metrics::Server::new(name, listeners);
             let counters: std::sync::Arc<[Counters]> = (0..listeners)
                 .map(|_| {
                     let mut counters = Counters::default();
@@ -450,8 +450,8 @@ impl Counters {
 
     /// Records how long a datagram took from receipt to its outcome.
     #[cfg(feature = "metrics")]
-    pub(crate) fn handled(&self, took: std::time::Duration) {
-        self.metrics.record(took.as_secs_f64());
+    pub(crate) fn handled(&self, own: &mut super::metrics::Handling, took: std::time::Duration) {
+        self.metrics.record(own, took.as_secs_f64());
     }
 
     /// Counts `n` datagrams as finished with `outcome`. Release pairs with the

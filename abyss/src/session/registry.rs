@@ -780,10 +780,14 @@ impl<S, K> Registry<S, K> {
         if held >= self.max_per_source {
             return Err(Refusal::SourceFull);
         }
-        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max_sessions {
-            self.count.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::Full);
-        }
+        // Only ever up to the cap: a refused admission never raises the
+        // count, even for a moment, so it cannot refuse another below it.
+        let max = self.max_sessions;
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| Refusal::Full)?;
         *sources.entry(source).or_default() += 1;
         Ok(())
     }

@@ -129,6 +129,9 @@ pub(crate) struct Listener<S, F> {
     outbox: Outbox,
     panic_log: LogGate,
     drop_log: DropLog,
+    /// This listener's handle on the handling-time histogram.
+    #[cfg(feature = "metrics")]
+    handling: super::metrics::Handling,
     _live: Live,
 }
 
@@ -168,6 +171,8 @@ where
             outbox,
             panic_log: LogGate::default(),
             drop_log: DropLog::default(),
+            #[cfg(feature = "metrics")]
+            handling: Default::default(),
             _live: Live::new(settings.live.clone()),
             settings,
             transport,
@@ -460,7 +465,7 @@ where
 
     fn finish(&mut self, done: Done) {
         #[cfg(feature = "metrics")]
-        self.counters().handled(done.received_at.elapsed());
+        self.counters[self.settings.index].handled(&mut self.handling, done.received_at.elapsed());
         #[cfg(not(feature = "metrics"))]
         let _ = done.received_at;
         match done.finished {
