@@ -78,7 +78,7 @@ impl DropReason {
             DropReason::TooLarge => Box::new(error::TooLarge),
             DropReason::RateLimited => Box::new(error::RateLimited),
             DropReason::TimedOut => Box::new(tower::timeout::error::Elapsed::new()),
-            DropReason::Overloaded => Box::new(error::Overloaded),
+            DropReason::Overloaded => Box::new(tower::load_shed::error::Overloaded::new()),
             DropReason::Denied => Box::new(error::Denied),
             DropReason::Amplification => Box::new(error::AmplificationLimited),
         }

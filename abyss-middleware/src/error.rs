@@ -1,6 +1,7 @@
 //! The errors the layers fail a request with when they drop its datagram:
 //! one zero-sized type per [`DropReason`], so that dropping allocates
-//! nothing (a box of a zero-sized value is no allocation), as tower's
+//! nothing (a box of a zero-sized value is no allocation). For
+//! `TimedOut` and `Overloaded` they are tower's own
 //! [`Elapsed`](tower::timeout::error::Elapsed) and
 //! [`Overloaded`](tower::load_shed::error::Overloaded). Find the reason
 //! behind any of them with [`drop_reason`](crate::drop_reason); make one
@@ -77,20 +78,6 @@ drop_errors! {
     /// assert_eq!(error.to_string(), "datagram dropped: rate_limited");
     /// ```
     RateLimited => RateLimited, "datagram dropped: rate_limited";
-    /// The service was at its concurrency limit (the datagram was shed, not
-    /// queued).
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use abyss_middleware::error::Overloaded;
-    /// use abyss_middleware::DropReason;
-    ///
-    /// let error = DropReason::Overloaded.into_error();
-    /// assert!(error.is::<Overloaded>());
-    /// assert_eq!(error.to_string(), "datagram dropped: overloaded");
-    /// ```
-    Overloaded => Overloaded, "datagram dropped: overloaded";
     /// A policy refused the peer or the payload.
     ///
     /// # Example

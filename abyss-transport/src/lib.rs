@@ -72,5 +72,5 @@ pub use bind::Bind;
 pub use error::OptionsError;
 #[cfg(feature = "memory")]
 pub use memory::{MemoryNetwork, MemoryTransport};
-pub use transport::{RecvMeta, Transmit, Transport};
+pub use transport::{RecvMeta, Transmit, Transport, is_unicast};
 pub use udp::{MulticastV4, MulticastV6, UdpOptions, UdpTransport};

@@ -643,17 +643,37 @@ impl RecvMeta {
         let Some(dst) = self.dst_ip.map(|ip| ip.to_canonical()) else {
             return false;
         };
-        match dst {
-            IpAddr::V4(v4) if v4.is_broadcast() || v4.is_multicast() => true,
-            IpAddr::V6(v6) if v6.is_multicast() => true,
-            // For IPv4 the system answers a datagram sent to one of its own
-            // addresses from that address: a different local address means
-            // the destination was a (subnet) broadcast address.
-            IpAddr::V4(_) => self
-                .local_ip
-                .is_some_and(|local| local.to_canonical() != dst),
-            IpAddr::V6(_) => false,
-        }
+        // For IPv4 the system answers a datagram sent to one of its own
+        // addresses from that address: a different local address means the
+        // destination was a (subnet) broadcast address.
+        !is_unicast(dst)
+            || (dst.is_ipv4()
+                && self
+                    .local_ip
+                    .is_some_and(|local| local.to_canonical() != dst))
+    }
+}
+
+/// Whether `ip` names one host: not unspecified, not the IPv4 limited
+/// broadcast address, not multicast (IPv4-mapped IPv6 addresses are judged
+/// as the IPv4 address they carry). Only such an address may be a reply's
+/// destination or source. A subnet broadcast address (`10.0.0.255` on a
+/// /24) cannot be told from its address alone; see
+/// [`RecvMeta::is_group_addressed`].
+///
+/// ```
+/// use abyss_transport::is_unicast;
+///
+/// assert!(is_unicast("192.0.2.1".parse().unwrap()));
+/// assert!(is_unicast("::ffff:192.0.2.1".parse().unwrap()));
+/// for other in ["0.0.0.0", "255.255.255.255", "224.0.0.251", "::", "ff02::fb", "::ffff:255.255.255.255"] {
+///     assert!(!is_unicast(other.parse().unwrap()), "{other}");
+/// }
+/// ```
+pub fn is_unicast(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
     }
 }
 

@@ -1,7 +1,7 @@
 //! UDP sockets on tokio, configured with socket2 and read with `recvmsg`.
 
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
 
@@ -771,7 +771,10 @@ pub struct UdpTransport {
     /// Every task waiting to send, woken together (tokio keeps one waker
     /// per direction).
     writers: Arc<Writers>,
+    /// The waker that wakes every one of `writers`, made once.
+    wake_writers: Waker,
     /// `stop_receiving` was called: receives read the socket directly.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     stopped: std::sync::atomic::AtomicBool,
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     state: imp::State,
@@ -841,10 +844,13 @@ impl UdpTransport {
         socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;
         imp::enable_metadata(&socket2::SockRef::from(&socket), local)?;
+        let writers = Arc::<Writers>::default();
         Ok(Self {
             io: tokio::net::UdpSocket::from_std(socket)?,
             local,
-            writers: Arc::default(),
+            wake_writers: Waker::from(writers.clone()),
+            writers,
+            #[cfg(any(target_os = "linux", target_os = "android"))]
             stopped: std::sync::atomic::AtomicBool::new(false),
             #[cfg(not(any(target_os = "linux", target_os = "android")))]
             state: imp::State::default(),
@@ -968,17 +974,10 @@ impl UdpTransport {
     /// waits here (not only the last, as tokio's own slot would).
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.writers.add(cx.waker());
-        let waker = Waker::from(self.writers.clone());
-        let mut shared = Context::from_waker(&waker);
-        match self.io.poll_send_ready(&mut shared) {
-            Poll::Ready(result) => {
-                // Ready already: the caller retries now; the others stay
-                // registered until the next wake-up.
-                self.writers.remove(cx.waker());
-                Poll::Ready(result)
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        // Ready already: the caller retries now, and stays registered
+        // until the next wake-up (a spurious wake-up is cheap).
+        self.io
+            .poll_send_ready(&mut Context::from_waker(&self.wake_writers))
     }
 
     /// Runs `op` once the socket is ready for `interest`, waiting again
@@ -1014,7 +1013,7 @@ impl UdpTransport {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.io);
-        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
             // Closing: read what is queued whatever tokio last heard from
             // epoll (its readiness may lag a burst that just arrived).
             match mmsg::recv(fd, bufs, meta) {
@@ -1178,7 +1177,7 @@ impl Transport for UdpTransport {
                 socket.connect(&self.local.into())?;
             }
             self.stopped
-                .store(true, std::sync::atomic::Ordering::Release);
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1197,11 +1196,6 @@ impl Writers {
             waiting.push(waker.clone());
         }
     }
-
-    fn remove(&self, waker: &Waker) {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        waiting.retain(|w| !w.will_wake(waker));
-    }
 }
 
 impl std::task::Wake for Writers {
@@ -1214,15 +1208,5 @@ impl std::task::Wake for Writers {
         for waker in waiting {
             waker.wake();
         }
-    }
-}
-
-/// Whether `ip` may be used as the source address of a reply: a datagram
-/// sent to a broadcast or multicast address is answered from the interface's
-/// own address, which the system picks.
-pub(crate) fn usable_source(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
-        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
     }
 }

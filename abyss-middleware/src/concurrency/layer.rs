@@ -1,6 +1,3 @@
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
-
 use tower::Layer;
 
 use super::ConcurrencyShed;
@@ -52,6 +49,6 @@ impl<S> Layer<S> for ConcurrencyShedLayer {
     type Service = ConcurrencyShed<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ConcurrencyShed::with_counter(inner, self.max, Arc::new(AtomicUsize::new(0)))
+        ConcurrencyShed::new(inner, self.max)
     }
 }

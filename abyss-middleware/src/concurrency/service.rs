@@ -66,14 +66,10 @@ impl<S> ConcurrencyShed<S> {
     /// assert_eq!(service.in_flight(), 0);
     /// ```
     pub fn new(inner: S, max: usize) -> Self {
-        Self::with_counter(inner, max, Arc::new(AtomicUsize::new(0)))
-    }
-
-    pub(crate) fn with_counter(inner: S, max: usize, in_flight: Arc<AtomicUsize>) -> Self {
         Self {
             inner,
             max,
-            in_flight,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
 

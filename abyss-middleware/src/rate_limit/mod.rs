@@ -39,8 +39,9 @@
 //! room frees up, so a flood of spoofed sources can neither grow memory nor
 //! escape the limit.
 //!
-//! Limited datagrams fail with [`Dropped`](crate::Dropped)
-//! ([`DropReason::RateLimited`](crate::DropReason::RateLimited)), get no
+//! Limited datagrams fail with [`error::RateLimited`](crate::error::RateLimited)
+//! (found by [`drop_reason`](crate::drop_reason) as
+//! [`DropReason::RateLimited`](crate::DropReason::RateLimited)), get no
 //! reply, and are traced as `rate_limit_exceeded` (target
 //! `abyss::listener`, with the peer).
 //!

@@ -2,8 +2,9 @@
 //! `max_packet_size`).
 //!
 //! The check runs before the inner service: an oversized datagram never
-//! reaches it, gets no reply, fails with [`Dropped`](crate::Dropped)
-//! ([`DropReason::TooLarge`](crate::DropReason::TooLarge)), and is traced as
+//! reaches it, gets no reply, fails with [`error::TooLarge`](crate::error::TooLarge)
+//! (found by [`drop_reason`](crate::drop_reason) as
+//! [`DropReason::TooLarge`](crate::DropReason::TooLarge)), and is traced as
 //! `packet_too_large` (target `abyss::listener`, with peer and size).
 //!
 //! # Example

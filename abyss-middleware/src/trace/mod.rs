@@ -7,7 +7,8 @@
 //! log `reply` with the latency in microseconds (counted from
 //! [`Datagram::received_at`](crate::Datagram::received_at), so time spent
 //! waiting for the service counts too), and log failures (a
-//! [`Dropped`](crate::Dropped) at `DEBUG` with its reason, any other error at
+//! drop, as [`drop_reason`](crate::drop_reason) finds it, at `DEBUG` with its
+//! reason, any other error at
 //! `WARN`). Payloads are never logged.
 //!
 //! Everything the inner service does is inside the span, so a handler's own

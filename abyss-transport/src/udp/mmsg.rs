@@ -127,9 +127,10 @@ unsafe fn decode_control(header: &libc::msghdr, meta: &mut RecvMeta) {
                 let info = unsafe { ptr::read_unaligned(data.cast::<libc::in6_pktinfo>()) };
                 let dst = IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr));
                 meta.dst_ip = Some(dst);
-                // IPv6 has no broadcast; a multicast destination is no
-                // source, and the system picks one.
-                meta.local_ip = Some(dst).filter(|ip| super::usable_source(*ip));
+                // IPv6 has no broadcast: the local address is the
+                // destination (a multicast one is no source: whoever replies
+                // checks with `is_unicast`).
+                meta.local_ip = Some(dst);
             }
             (libc::SOL_UDP, libc::UDP_GRO) => {
                 // SAFETY: a UDP_GRO payload is the segment size, an `int`.
@@ -251,7 +252,7 @@ pub(super) fn send(fd: RawFd, local: SocketAddr, transmits: &[Transmit<'_>]) -> 
         header.msg_controllen = CONTROL as _;
         let source = transmit
             .src_ip
-            .filter(|ip| wildcard && super::usable_source(*ip));
+            .filter(|ip| wildcard && crate::is_unicast(*ip));
         // SAFETY: `header` points at `controls[i]`, CONTROL bytes long and
         // 8-byte aligned, enough for both messages written there.
         let used = unsafe { encode_control(header, local, source, transmit.segment_size) };

@@ -2,31 +2,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::transport::RecvMeta;
+use crate::transport::{RecvMeta, is_unicast};
 
 /// Whether a reply may be sent to `peer`: never to port 0, an unspecified,
 /// broadcast or multicast address (a spoofed source there turns the server
 /// into an amplifier).
 pub(crate) fn answerable(peer: SocketAddr) -> bool {
-    peer.port() != 0 && unicast(peer.ip())
+    peer.port() != 0 && is_unicast(peer.ip())
 }
 
 /// The address a reply to the datagram described by `meta` is sent from:
 /// the local address the transport reports (for a datagram sent to a
-/// broadcast address, the receiving interface's own), else the destination
-/// if it is one host's address, else the system's choice.
+/// broadcast address, the receiving interface's own), else the destination,
+/// if either names one host; else the system's choice.
 pub(crate) fn reply_source(meta: &RecvMeta) -> Option<IpAddr> {
-    meta.local_ip
-        .or(meta.dst_ip.filter(|_| !meta.is_group_addressed()))
-        .filter(|ip| unicast(*ip))
-}
-
-/// Whether `ip` names one host: not unspecified, broadcast or multicast.
-fn unicast(ip: IpAddr) -> bool {
-    match ip.to_canonical() {
-        IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast()),
-        IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
-    }
+    meta.local_ip.or(meta.dst_ip).filter(|ip| is_unicast(*ip))
 }
 
 #[cfg(test)]
