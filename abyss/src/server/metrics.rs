@@ -236,6 +236,7 @@ impl Totals for SessionStats {
         self.live += other.live;
         self.created += other.created;
         self.refused += other.refused;
+        self.refused_per_source += other.refused_per_source;
         self.queue_full += other.queue_full;
         self.closed += other.closed;
         self.timed_out += other.timed_out;

@@ -160,42 +160,68 @@ impl Stats {
     /// assert_eq!((delta.received, delta.replied, delta.in_flight), (10, 9, 1));
     /// ```
     pub fn since(&self, earlier: &Stats) -> Stats {
-        let d = &self.dropped;
-        let e = &earlier.dropped;
         Stats {
-            received: self.received.saturating_sub(earlier.received),
-            bytes_received: self.bytes_received.saturating_sub(earlier.bytes_received),
-            bytes_sent: self.bytes_sent.saturating_sub(earlier.bytes_sent),
-            replied: self.replied.saturating_sub(earlier.replied),
-            no_reply: self.no_reply.saturating_sub(earlier.no_reply),
-            dropped: Drops {
-                truncated: d.truncated.saturating_sub(e.truncated),
-                handler_error: d.handler_error.saturating_sub(e.handler_error),
-                panicked: d.panicked.saturating_sub(e.panicked),
-                refused_destination: d.refused_destination.saturating_sub(e.refused_destination),
-                send_failed: d.send_failed.saturating_sub(e.send_failed),
-                aborted: d.aborted.saturating_sub(e.aborted),
-                too_large: d.too_large.saturating_sub(e.too_large),
-                rate_limited: d.rate_limited.saturating_sub(e.rate_limited),
-                timed_out: d.timed_out.saturating_sub(e.timed_out),
-                overloaded: d.overloaded.saturating_sub(e.overloaded),
-                denied: d.denied.saturating_sub(e.denied),
-                amplification: d.amplification.saturating_sub(e.amplification),
-            },
             in_flight: self.in_flight,
-            receive_errors: self.receive_errors.saturating_sub(earlier.receive_errors),
-            reads_paused: self.reads_paused.saturating_sub(earlier.reads_paused),
-            kernel_drops: self
-                .kernel_drops
-                .map(|now| now.saturating_sub(earlier.kernel_drops.unwrap_or(0))),
-            unread_at_close: self.unread_at_close.saturating_sub(earlier.unread_at_close),
-            group_copies_skipped: self
-                .group_copies_skipped
-                .saturating_sub(earlier.group_copies_skipped),
-            listener_restarts: self
-                .listener_restarts
-                .saturating_sub(earlier.listener_restarts),
+            ..self.combine(earlier, u64::saturating_sub)
         }
+    }
+
+    /// Every counter of `self` with the same one of `other`, by `f`
+    /// (`kernel_drops` is known if either knows it).
+    fn combine(&self, other: &Stats, f: impl Fn(u64, u64) -> u64) -> Stats {
+        let (d, o) = (&self.dropped, &other.dropped);
+        Stats {
+            received: f(self.received, other.received),
+            bytes_received: f(self.bytes_received, other.bytes_received),
+            bytes_sent: f(self.bytes_sent, other.bytes_sent),
+            replied: f(self.replied, other.replied),
+            no_reply: f(self.no_reply, other.no_reply),
+            dropped: Drops {
+                truncated: f(d.truncated, o.truncated),
+                handler_error: f(d.handler_error, o.handler_error),
+                panicked: f(d.panicked, o.panicked),
+                refused_destination: f(d.refused_destination, o.refused_destination),
+                send_failed: f(d.send_failed, o.send_failed),
+                aborted: f(d.aborted, o.aborted),
+                too_large: f(d.too_large, o.too_large),
+                rate_limited: f(d.rate_limited, o.rate_limited),
+                timed_out: f(d.timed_out, o.timed_out),
+                overloaded: f(d.overloaded, o.overloaded),
+                denied: f(d.denied, o.denied),
+                amplification: f(d.amplification, o.amplification),
+            },
+            in_flight: f(self.in_flight, other.in_flight),
+            receive_errors: f(self.receive_errors, other.receive_errors),
+            reads_paused: f(self.reads_paused, other.reads_paused),
+            kernel_drops: match (self.kernel_drops, other.kernel_drops) {
+                (None, None) => None,
+                (a, b) => Some(f(a.unwrap_or(0), b.unwrap_or(0))),
+            },
+            unread_at_close: f(self.unread_at_close, other.unread_at_close),
+            group_copies_skipped: f(self.group_copies_skipped, other.group_copies_skipped),
+            listener_restarts: f(self.listener_restarts, other.listener_restarts),
+        }
+    }
+
+    /// The field each [`Outcome`] is counted in, by [`Outcome::index`].
+    fn outcomes_mut(&mut self) -> [&mut u64; Outcome::COUNT] {
+        let d = &mut self.dropped;
+        [
+            &mut self.replied,
+            &mut self.no_reply,
+            &mut d.truncated,
+            &mut d.handler_error,
+            &mut d.panicked,
+            &mut d.refused_destination,
+            &mut d.send_failed,
+            &mut d.aborted,
+            &mut d.too_large,
+            &mut d.rate_limited,
+            &mut d.timed_out,
+            &mut d.overloaded,
+            &mut d.amplification,
+            &mut d.denied,
+        ]
     }
 }
 
@@ -562,21 +588,9 @@ impl Counters {
         stats.bytes_received += self.bytes_received.load(Ordering::Relaxed);
         stats.bytes_sent += self.bytes_sent.load(Ordering::Relaxed);
         stats.in_flight += received.saturating_sub(finished);
-        stats.replied += o[0];
-        stats.no_reply += o[1];
-        let d = &mut stats.dropped;
-        d.truncated += o[2];
-        d.handler_error += o[3];
-        d.panicked += o[4];
-        d.refused_destination += o[5];
-        d.send_failed += o[6];
-        d.aborted += o[7];
-        d.too_large += o[8];
-        d.rate_limited += o[9];
-        d.timed_out += o[10];
-        d.overloaded += o[11];
-        d.amplification += o[12];
-        d.denied += o[13];
+        for (field, n) in stats.outcomes_mut().into_iter().zip(o) {
+            *field += n;
+        }
         stats.receive_errors += self.receive_errors.load(Ordering::Relaxed);
         stats.reads_paused += self.reads_paused.load(Ordering::Relaxed);
         stats.unread_at_close += self.unread_at_close.load(Ordering::Relaxed);
@@ -593,34 +607,7 @@ impl Stats {
     /// Adds `other`'s counts to these (`kernel_drops` is known if either
     /// knows it).
     pub(crate) fn add(&mut self, other: &Stats) {
-        let (d, o) = (&mut self.dropped, &other.dropped);
-        d.truncated += o.truncated;
-        d.handler_error += o.handler_error;
-        d.panicked += o.panicked;
-        d.refused_destination += o.refused_destination;
-        d.send_failed += o.send_failed;
-        d.aborted += o.aborted;
-        d.too_large += o.too_large;
-        d.rate_limited += o.rate_limited;
-        d.timed_out += o.timed_out;
-        d.overloaded += o.overloaded;
-        d.denied += o.denied;
-        d.amplification += o.amplification;
-        self.received += other.received;
-        self.bytes_received += other.bytes_received;
-        self.bytes_sent += other.bytes_sent;
-        self.replied += other.replied;
-        self.no_reply += other.no_reply;
-        self.in_flight += other.in_flight;
-        self.receive_errors += other.receive_errors;
-        self.reads_paused += other.reads_paused;
-        self.kernel_drops = match (self.kernel_drops, other.kernel_drops) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
-        self.unread_at_close += other.unread_at_close;
-        self.group_copies_skipped += other.group_copies_skipped;
-        self.listener_restarts += other.listener_restarts;
+        *self = self.combine(other, |a, b| a + b);
     }
 }
 
@@ -628,23 +615,8 @@ impl Stats {
 impl Outcome {
     /// The finished datagrams of `stats`, by [`Outcome::index`].
     pub(crate) fn counts(stats: &Stats) -> [u64; Self::COUNT] {
-        let d = &stats.dropped;
-        [
-            stats.replied,
-            stats.no_reply,
-            d.truncated,
-            d.handler_error,
-            d.panicked,
-            d.refused_destination,
-            d.send_failed,
-            d.aborted,
-            d.too_large,
-            d.rate_limited,
-            d.timed_out,
-            d.overloaded,
-            d.amplification,
-            d.denied,
-        ]
+        let mut stats = *stats;
+        stats.outcomes_mut().map(|n| *n)
     }
 }
 
