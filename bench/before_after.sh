@@ -24,6 +24,7 @@ bin=target/release/examples
 
 . bench/lib.sh
 
+# --concurrency-limit: the option's former name, which both builds take.
 full=(--trace --max-packet-size 8192 --rate-limit 1000000000 --timeout-ms 5000 --concurrency-limit 16384)
 start 4200 taskset -c "$server_cpu" "$bin/baseline_echo" --bind 127.0.0.1:4200
 start 4201 taskset -c "$server_cpu" "$old" --port 4201 --listeners 1 --no-layers

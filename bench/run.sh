@@ -23,7 +23,7 @@ bin=target/release/examples
 
 . bench/lib.sh
 
-full=(--trace --max-packet-size 8192 --rate-limit 1000000000 --timeout-ms 5000 --concurrency-limit 16384)
+full=(--trace --max-packet-size 8192 --rate-limit 1000000000 --timeout-ms 5000 --concurrency-shed 16384)
 start 4100 taskset -c "$server_cpu" "$bin/baseline_echo" --bind 127.0.0.1:4100
 start 4101 taskset -c "$server_cpu" "$bin/echo" --port 4101 --listeners 1 --no-layers
 start 4102 taskset -c "$server_cpu" "$bin/echo" --port 4102 --listeners 1 "${full[@]}"

@@ -49,8 +49,9 @@ struct Args {
     /// Drop requests not handled within this many milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
-    /// Drop datagrams that arrive while this many are being handled.
-    #[arg(long)]
+    /// Drop datagrams that arrive while this many are being handled
+    /// (`--concurrency-limit`, its former name, still works).
+    #[arg(long, alias = "concurrency-limit")]
     concurrency_shed: Option<usize>,
     /// Handle each datagram in a tracing span (shown with RUST_LOG=abyss=debug).
     #[arg(long)]

@@ -202,9 +202,10 @@ where
         })
         .await;
 
-        // New datagrams are not this socket's any more: the system gives
-        // them to the group's other sockets or refuses them, and what is
-        // queued is counted when the socket closes.
+        // The socket takes no new datagrams from now on: bound to one
+        // address, the system gives them to the group's other sockets or
+        // refuses them; bound to a wildcard address, it drops them, counted
+        // as kernel drops. What is queued is counted when it closes.
         if let Err(error) = self.transport.stop_receiving() {
             tracing::debug!(target: LISTENER, listener = index, %error, "could not stop receiving before closing");
         }
