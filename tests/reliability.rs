@@ -374,6 +374,112 @@ async fn a_flood_from_65000_spoofed_sources_keeps_tables_and_memory_bounded() {
     handle.shutdown().await;
 }
 
+/// Counts a peer's datagrams, and says the count.
+struct Tally(u64);
+
+impl Session for Tally {
+    async fn handle(&mut self, _request: Request) -> Step {
+        self.0 += 1;
+        Step::keep().reply(self.0.to_string())
+    }
+}
+
+/// Sends one datagram from each of `ports` on `source` to `target`, from a
+/// socket bound for it and closed at once (a port in use is skipped);
+/// returns how many were sent.
+fn spray(source: Ipv4Addr, ports: std::ops::Range<u16>, target: SocketAddr) -> u64 {
+    let mut sent = 0;
+    for port in ports {
+        let Ok(socket) = std::net::UdpSocket::bind((source, port)) else {
+            continue;
+        };
+        if socket.send_to(b"hello", target).is_ok() {
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// Asks until answered (a datagram may be lost); the time to the answer.
+async fn time_to_answer(source: Ipv4Addr, server: SocketAddr) -> Duration {
+    let socket = UdpSocket::bind((source, 0)).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        socket.send_to(b"hello", server).await.unwrap();
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(100), socket.recv_from(&mut buf)).await
+        {
+            assert_eq!(&buf[..n], b"1", "a session of its own");
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < PATIENCE, "a new peer was never answered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_peers_are_answered_while_floods_from_many_ports_hold_the_sessions() {
+    // The defaults: 16 384 sessions, 1 024 per source, idle for 60 s.
+    let sessions = Sessions::builder(|_| Tally(0)).build().unwrap();
+    let handle = Server::bind("0.0.0.0:0")
+        .serve(sessions.service())
+        .await
+        .unwrap();
+    let server = SocketAddr::from((Ipv4Addr::LOCALHOST, handle.local_addr().port()));
+    let mut sent = 0;
+    // In bursts of 128, each handled before the next: the socket's
+    // receive buffer holds a few hundred datagrams, and the point is the
+    // sessions they start, not the kernel's drops.
+    let mut flood = async |sources: std::ops::RangeInclusive<u8>, ports: std::ops::Range<u16>| {
+        let mut total = 0;
+        for last in sources {
+            for start in ports.clone().step_by(128) {
+                let burst = start..(start + 128).min(ports.end);
+                let source = Ipv4Addr::new(127, 0, 0, last);
+                let burst_sent = tokio::task::spawn_blocking(move || spray(source, burst, server))
+                    .await
+                    .unwrap();
+                total += burst_sent;
+                sent += burst_sent;
+                let stats = wait_for_stats(&handle, "the flood handled", |s| {
+                    s.received + s.kernel_drops.unwrap_or(0) >= sent && s.in_flight == 0
+                })
+                .await;
+                assert_accounted(&stats);
+            }
+        }
+        total
+    };
+
+    // One host sends from 17 000 ports: it gets its share, no more.
+    let one_host = flood(1..=1, 40_000..57_000).await;
+    let first = time_to_answer(Ipv4Addr::new(127, 0, 0, 200), server).await;
+    let after_one = sessions.stats();
+    assert!(after_one.live <= 1_024 + 1, "{after_one:?}");
+    assert!(after_one.refused_per_source > 0, "{after_one:?}");
+
+    // Sixteen more hosts, 1 000 ports each, fill the table: a newcomer
+    // takes the place of the quietest session of the heaviest host.
+    let many_hosts = flood(2..=17, 40_000..41_000).await;
+    let full = sessions.stats();
+    assert_eq!(full.live, 16_384, "the table is full: {full:?}");
+    let second = time_to_answer(Ipv4Addr::new(127, 0, 0, 201), server).await;
+    let after = sessions.stats();
+    assert!(after.evicted >= 1, "{after:?}");
+    assert_eq!(after.live, 16_384, "{after:?}");
+
+    println!(
+        "reliability: session floods | {one_host} ports from 1 host, then {many_hosts} from 16 hosts | full session table | new peer answered in {:.1} ms, then in {:.1} ms (table full) | live={} refused={} refused_per_source={} evicted={}",
+        first.as_secs_f64() * 1e3,
+        second.as_secs_f64() * 1e3,
+        after.live,
+        after.refused,
+        after.refused_per_source,
+        after.evicted,
+    );
+    handle.shutdown().await;
+}
+
 /// This process's resident set, in KiB.
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")

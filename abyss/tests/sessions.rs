@@ -75,6 +75,10 @@ impl Session for Probe {
     async fn on_shutdown(&mut self, _context: &SessionContext) {
         self.note("shutdown");
     }
+
+    async fn on_evict(&mut self, _context: &SessionContext) {
+        self.note("evict");
+    }
 }
 
 struct Harness {
@@ -546,4 +550,172 @@ fn a_share_of_zero_sessions_per_source_is_refused_with_the_option_named() {
     .build()
     .unwrap_err();
     assert_eq!(error.field(), Some("max_sessions_per_source"));
+}
+
+fn request_from(ip: [u8; 4], port: u16, payload: &'static [u8]) -> Request {
+    Request::new(
+        SocketAddr::from((ip, port)),
+        "192.0.2.53:53".parse().unwrap(),
+        Bytes::from_static(payload),
+        SendHandle::detached(),
+    )
+}
+
+impl Harness {
+    async fn send_from(
+        &mut self,
+        ip: [u8; 4],
+        port: u16,
+        payload: &'static [u8],
+    ) -> Result<Option<Bytes>, BoxError> {
+        let request = request_from(ip, port, payload);
+        self.service.ready().await.unwrap().call(request).await
+    }
+}
+
+const HEAVY: [u8; 4] = [192, 0, 2, 1];
+const LIGHT: [u8; 4] = [198, 51, 100, 2];
+const NEWCOMER: [u8; 4] = [203, 0, 113, 3];
+
+#[tokio::test(start_paused = true)]
+async fn a_full_table_evicts_the_least_recently_active_session_of_the_heaviest_source() {
+    let mut h = harness(|b| b.max_sessions(10).max_sessions_per_source(8));
+    // The heavy source takes 8 places, one a second; the light one 2.
+    for port in 1..=8 {
+        h.send_from(HEAVY, port, b"hi").await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    h.send_from(LIGHT, 1, b"hi").await.unwrap();
+    h.send_from(LIGHT, 2, b"hi").await.unwrap();
+    // Port 1 speaks again: port 2 is now the heavy source's quietest.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    h.send_from(HEAVY, 1, b"hi").await.unwrap();
+    assert_eq!(h.sessions.stats().live, 10);
+
+    // A newcomer takes port 2's place, and is served at once.
+    let reply = h.send_from(NEWCOMER, 9, b"hi").await.unwrap();
+    assert_eq!(reply.as_deref(), Some(&b"1"[..]));
+    settle().await;
+    let stats = h.sessions.stats();
+    assert_eq!(
+        (stats.live, stats.evicted, stats.refused),
+        (10, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(h.log(), ["2 evict"]);
+    assert_eq!(h.alive.load(Ordering::SeqCst), 10);
+
+    // The heaviest source cannot take a place back from itself (shares
+    // would get no more even): its returning peer is refused.
+    assert!(h.send_from(HEAVY, 2, b"hi").await.is_err());
+    // The light source may take places from the heavy one while that holds
+    // at least two more than it: 7 against 2, then 6 against 3.
+    for port in 3..=4 {
+        h.send_from(LIGHT, port, b"hi").await.unwrap();
+    }
+    let stats = h.sessions.stats();
+    assert_eq!((stats.live, stats.evicted), (10, 3), "{stats:?}");
+    // 5 against 4 evicts no more.
+    assert!(h.send_from(LIGHT, 5, b"hi").await.is_err());
+    assert_eq!(h.sessions.stats().refused, 2);
+    settle().await;
+    assert_eq!(
+        h.log(),
+        ["2 evict", "3 evict", "4 evict"],
+        "the quietest first"
+    );
+    // Port 1, the most recently active, kept its session and its count.
+    assert_eq!(
+        h.send_from(HEAVY, 1, b"hi").await.unwrap().as_deref(),
+        Some(&b"3"[..])
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_table_full_of_single_session_sources_refuses_rather_than_churns() {
+    let mut h = harness(|b| b.max_sessions(4));
+    for last in 1..=4u8 {
+        h.send_from([192, 0, 2, last], 1000, b"hi").await.unwrap();
+    }
+    for last in 5..=50u8 {
+        assert!(h.send_from([192, 0, 2, last], 1000, b"hi").await.is_err());
+    }
+    let stats = h.sessions.stats();
+    assert_eq!(
+        (stats.live, stats.evicted, stats.refused),
+        (4, 0, 46),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_evicted_session_answers_what_it_had_queued_before_it_ends() {
+    let mut h = harness(|b| b.max_sessions(3).max_sessions_per_source(3));
+    // Port 1 is busy for a second, with a second datagram queued.
+    let slow = h
+        .service
+        .ready()
+        .await
+        .unwrap()
+        .call(request_from(HEAVY, 1, b"slow"));
+    let queued = h
+        .service
+        .ready()
+        .await
+        .unwrap()
+        .call(request_from(HEAVY, 1, b"hi"));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    h.send_from(HEAVY, 2, b"hi").await.unwrap();
+    h.send_from(HEAVY, 3, b"hi").await.unwrap();
+    // Port 1 is the quietest: a newcomer evicts it while it is busy.
+    assert_eq!(
+        h.send_from(NEWCOMER, 1, b"hi").await.unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(h.sessions.stats().evicted, 1);
+    assert!(h.log().is_empty(), "it still has work");
+    assert_eq!(slow.await.unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(queued.await.unwrap().as_deref(), Some(&b"2"[..]));
+    settle().await;
+    assert_eq!(h.log(), ["1 evict"]);
+    let stats = h.sessions.stats();
+    assert_eq!((stats.live, stats.created), (3, 4), "{stats:?}");
+    assert_eq!(h.alive.load(Ordering::SeqCst), 3);
+    h.sessions.shutdown().await;
+    assert_eq!(h.alive.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_factory_fails_that_datagram_and_the_table_stays_whole() {
+    let sessions = Sessions::builder(|peer: SocketAddr| {
+        assert_ne!(peer.port(), 13, "unlucky peer");
+        Probe {
+            peer,
+            count: 0,
+            log: Log::default(),
+            alive: Arc::new(AtomicUsize::new(1)),
+        }
+    })
+    .build()
+    .unwrap();
+    let mut service = sessions.service();
+    let unlucky = service.ready().await.unwrap().call(request(13, b"hi"));
+    let panicked = AssertUnwindSafe(unlucky).catch_unwind().await;
+    assert!(panicked.is_err(), "the panic reaches the caller");
+    let reply = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request(14, b"hi"))
+        .await;
+    assert_eq!(reply.unwrap().as_deref(), Some(&b"1"[..]));
+    let stats = sessions.stats();
+    assert_eq!(
+        (stats.live, stats.panicked, stats.created),
+        (1, 1, 2),
+        "{stats:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), sessions.shutdown())
+        .await
+        .expect("shutdown ends: the panicked session is not waited for");
 }

@@ -172,7 +172,7 @@ const SESSION_FAMILIES: [Family; 5] = [
         SESSIONS_ENDED,
         Kind::Counter,
         Unit::Count,
-        "Sessions ended, by reason: closed, failed, panicked, shut_down.",
+        "Sessions ended, by reason: closed, failed, panicked, shut_down, evicted.",
     ),
     family(
         SESSIONS_IDLE_TIMEOUTS,
@@ -238,6 +238,7 @@ impl Totals for SessionStats {
         self.refused += other.refused;
         self.refused_per_source += other.refused_per_source;
         self.queue_full += other.queue_full;
+        self.evicted += other.evicted;
         self.closed += other.closed;
         self.timed_out += other.timed_out;
         self.failed += other.failed;
@@ -642,8 +643,8 @@ impl Listener {
 struct SessionKeys {
     live: Key,
     created: Key,
-    /// closed, failed, panicked, shut_down.
-    ended: [Key; 4],
+    /// closed, failed, panicked, shut_down, evicted.
+    ended: [Key; 5],
     idle_timeouts: Key,
     /// refused, queue_full.
     dropped: [Key; 2],
@@ -656,7 +657,7 @@ impl SessionKeys {
         Self {
             live: key(SESSIONS_LIVE, &sessions),
             created: key(SESSIONS_CREATED, &sessions),
-            ended: ["closed", "failed", "panicked", "shut_down"]
+            ended: ["closed", "failed", "panicked", "shut_down", "evicted"]
                 .map(|end| reason(SESSIONS_ENDED, end)),
             idle_timeouts: key(SESSIONS_IDLE_TIMEOUTS, &sessions),
             dropped: ["refused", "queue_full"].map(|why| reason(SESSIONS_DROPPED, why)),
@@ -671,7 +672,13 @@ impl SessionKeys {
             .register_gauge(&self.live, &METADATA)
             .set(stats.live as f64);
         counter(&self.created, stats.created);
-        let ended = [stats.closed, stats.failed, stats.panicked, stats.shut_down];
+        let ended = [
+            stats.closed,
+            stats.failed,
+            stats.panicked,
+            stats.shut_down,
+            stats.evicted,
+        ];
         for (key, count) in self.ended.iter().zip(ended) {
             counter(key, count);
         }

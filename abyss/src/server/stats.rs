@@ -80,7 +80,7 @@ use crate::middleware::DropReason;
 /// | --- | --- | --- |
 /// | `abyss_sessions_live` | gauge | `live` |
 /// | `abyss_sessions_created_total` | counter | `created` |
-/// | `abyss_sessions_ended_total{reason}` | counter | `closed`, `failed`, `panicked`, `shut_down` |
+/// | `abyss_sessions_ended_total{reason}` | counter | `closed`, `failed`, `panicked`, `shut_down`, `evicted` |
 /// | `abyss_sessions_idle_timeouts_total` | counter | `timed_out` |
 /// | `abyss_sessions_dropped_datagrams_total{reason}` | counter | `refused`, `queue_full` |
 ///

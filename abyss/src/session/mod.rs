@@ -19,20 +19,40 @@
 //! | `handle_close/1` | [`Session::on_close`] |
 //! | `handle_error/2` | [`Session::on_error`] |
 //! | `handle_shutdown/1` | [`Session::on_shutdown`] |
+//! | (none) | [`Session::on_evict`] |
 //! | `read_timeout` (60 s) | [`SessionsBuilder::idle_timeout`] (60 s) |
 //! | `num_connections` | [`SessionsBuilder::max_sessions`] |
 //!
 //! # Bounds
 //!
-//! * At most `max_sessions` live sessions (default 16 384). A datagram from
-//!   a new peer while all are taken is dropped, counted in
-//!   [`SessionStats::refused`] and by the server as `overloaded`.
+//! * At most `max_sessions` live sessions (default 16 384), and at most
+//!   `max_sessions_per_source` of them (default a sixteenth) from one source:
+//!   an IPv4 address, or an IPv6 /64.
+//! * When all are taken, a new peer evicts the least recently active
+//!   session of the source holding the most, if that source holds at least
+//!   two more than the newcomer's: shares only get more even, so one host
+//!   or a few cannot keep newcomers out, while a table full of sources
+//!   holding one session each refuses newcomers rather than churn. The
+//!   evicted session handles what it has queued, then gets
+//!   [`Session::on_evict`] ([`SessionStats::evicted`]). A datagram that can
+//!   start no session is dropped, counted in [`SessionStats::refused`] and
+//!   by the server as `overloaded`.
 //! * Each session queues at most `queue_size` datagrams (default 64); one
 //!   more is dropped, counted in [`SessionStats::queue_full`] and by the
 //!   server as `overloaded`.
 //! * A session idle for `idle_timeout` (default 60 s) gets
 //!   [`Session::on_idle`], which by default closes it. A session's state is
 //!   dropped when it ends; the peer's next datagram starts a fresh one.
+//!
+//! # Cost
+//!
+//! A live session holds about 1.5 KiB of heap on a 64-bit target (its
+//! task, its slot in the table and a queue sized to what it holds), plus
+//! its state. A datagram to a live session locks one of 64 shards of the
+//! table, chosen by its key's hash, and its session's queue; starting or
+//! ending a session also locks the table's ledger of sources, briefly
+//! (an eviction scans the sessions of one source, at most
+//! `max_sessions_per_source`).
 //!
 //! # Shutdown
 //!
@@ -276,6 +296,36 @@ pub trait Session: Send + Sized + 'static {
         context: &SessionContext,
     ) -> impl Future<Output = ()> + Send {
         let _ = (error, context);
+        async {}
+    }
+
+    /// The session was evicted to make room for a new peer while
+    /// `max_sessions` were live: it was the least recently active session
+    /// of the source holding the most
+    /// ([`SessionsBuilder::max_sessions`]). Queued datagrams have been
+    /// handled; the peer's next datagram starts a fresh session, if there
+    /// is room.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::session::{Session, SessionContext, Step};
+    /// use abyss::Request;
+    ///
+    /// struct Polite;
+    ///
+    /// impl Session for Polite {
+    ///     async fn handle(&mut self, _request: Request) -> Step {
+    ///         Step::keep()
+    ///     }
+    ///
+    ///     async fn on_evict(&mut self, context: &SessionContext) {
+    ///         let _ = context.sender().send_to(context.peer(), b"busy, start over").await;
+    ///     }
+    /// }
+    /// ```
+    fn on_evict(&mut self, context: &SessionContext) -> impl Future<Output = ()> + Send {
+        let _ = context;
         async {}
     }
 

@@ -1,19 +1,21 @@
 use std::any::Any;
-use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::hash::BuildHasher;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
 
 #[cfg(doc)]
 use super::Step;
@@ -37,11 +39,13 @@ const DEFAULT_SOURCE_SHARE: usize = 16;
 /// for one another.
 const SHARDS: usize = 64;
 
+/// One shard of the session table.
+type Shard<K> = Mutex<HashMap<K, Arc<Slot<K>>>>;
 type Factory<S> = dyn Fn(SocketAddr) -> S + Send + Sync;
 type KeyFn<K> = dyn Fn(&Request) -> K + Send + Sync;
 
 /// A datagram handed to a session, with where its outcome goes.
-pub(super) struct Job {
+struct Job {
     request: Request,
     outcome: oneshot::Sender<Outcome>,
 }
@@ -51,13 +55,198 @@ pub(super) enum Outcome {
     Reply(Option<Bytes>),
     Failed(BoxError),
     Panicked(Box<dyn Any + Send>),
+    /// Dropped before a session handled it, for this reason.
+    Dropped(DropReason),
 }
 
-struct Entry {
+/// A live session as the table sees it: its queue, and what fair
+/// eviction needs to know about it.
+///
+/// The queue is a `VecDeque` sized to what it holds rather than a channel:
+/// a channel block of 32 datagrams (4.6 KiB) per session was most of a
+/// session's memory, though a session rarely has more than one datagram
+/// waiting.
+struct Slot<K> {
+    key: K,
     id: u64,
-    queue: mpsc::Sender<Job>,
     /// The source whose share this session counts in.
     source: IpAddr,
+    /// When it last got a datagram: nanoseconds since the table was built.
+    active: AtomicU64,
+    /// Its place in its source's list in the [`Ledger`] (changed only under
+    /// the ledger's lock).
+    position: AtomicUsize,
+    inbox: Mutex<Inbox>,
+}
+
+struct Inbox {
+    jobs: VecDeque<Job>,
+    /// The session's task, waiting for a datagram.
+    waiter: Option<Waker>,
+    /// No datagram will be added: the session was evicted, or has ended.
+    closed: bool,
+}
+
+/// Why a datagram could not be queued to a session.
+enum Push {
+    /// The queue holds `queue_size` datagrams: the datagram is given back.
+    Full(Job),
+    /// The session has ended, or is ending: the datagram is given back.
+    Closed(Job),
+}
+
+impl<K> Slot<K> {
+    fn new(key: K, id: u64, source: IpAddr, jobs: VecDeque<Job>, active: u64) -> Self {
+        Self {
+            key,
+            id,
+            source,
+            active: AtomicU64::new(active),
+            position: AtomicUsize::new(0),
+            inbox: Mutex::new(Inbox {
+                jobs,
+                waiter: None,
+                closed: false,
+            }),
+        }
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `job` unless the queue holds `capacity` or is closed.
+    // The datagram is given back by move: boxing it would allocate per drop.
+    #[allow(clippy::result_large_err)]
+    fn push(&self, job: Job, capacity: usize, now: u64) -> Result<(), Push> {
+        let mut inbox = self.inbox();
+        if inbox.closed {
+            return Err(Push::Closed(job));
+        }
+        if inbox.jobs.len() >= capacity {
+            return Err(Push::Full(job));
+        }
+        inbox.jobs.push_back(job);
+        let waiter = inbox.waiter.take();
+        drop(inbox);
+        self.active.store(now, Ordering::Relaxed);
+        if let Some(waiter) = waiter {
+            waiter.wake();
+        }
+        Ok(())
+    }
+
+    /// The next queued datagram; `None` once the queue is closed and empty.
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Job>> {
+        let mut inbox = self.inbox();
+        if let Some(job) = inbox.jobs.pop_front() {
+            return Poll::Ready(Some(job));
+        }
+        if inbox.closed {
+            return Poll::Ready(None);
+        }
+        match &mut inbox.waiter {
+            Some(waiter) if waiter.will_wake(cx.waker()) => {}
+            waiter => *waiter = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// Closes the queue; returns what it still held.
+    fn close(&self) -> VecDeque<Job> {
+        let mut inbox = self.inbox();
+        inbox.closed = true;
+        let waiter = inbox.waiter.take();
+        let jobs = std::mem::take(&mut inbox.jobs);
+        drop(inbox);
+        if let Some(waiter) = waiter {
+            waiter.wake();
+        }
+        jobs
+    }
+
+    /// Closes the queue but leaves what it holds to the session, which
+    /// handles it and then ends.
+    fn evict(&self) {
+        let mut inbox = self.inbox();
+        inbox.closed = true;
+        let waiter = inbox.waiter.take();
+        drop(inbox);
+        if let Some(waiter) = waiter {
+            waiter.wake();
+        }
+    }
+}
+
+/// Who holds which sessions: the places taken in the table, by source.
+struct Ledger<K> {
+    /// The sessions of each source that holds any.
+    held: HashMap<IpAddr, Vec<Arc<Slot<K>>>>,
+    /// The sources by how many sessions they hold, to find the heaviest.
+    by_load: BTreeSet<(usize, IpAddr)>,
+}
+
+impl<K> Default for Ledger<K> {
+    fn default() -> Self {
+        Self {
+            held: HashMap::new(),
+            by_load: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K> Ledger<K> {
+    fn held(&self, source: IpAddr) -> usize {
+        self.held.get(&source).map_or(0, Vec::len)
+    }
+
+    fn add(&mut self, slot: Arc<Slot<K>>) {
+        let list = self.held.entry(slot.source).or_default();
+        let before = list.len();
+        slot.position.store(before, Ordering::Relaxed);
+        self.by_load.remove(&(before, slot.source));
+        self.by_load.insert((before + 1, slot.source));
+        list.push(slot);
+    }
+
+    fn remove(&mut self, slot: &Arc<Slot<K>>) {
+        let Some(list) = self.held.get_mut(&slot.source) else {
+            return;
+        };
+        let position = slot.position.load(Ordering::Relaxed);
+        if !list
+            .get(position)
+            .is_some_and(|held| Arc::ptr_eq(held, slot))
+        {
+            return;
+        }
+        let before = list.len();
+        list.swap_remove(position);
+        if let Some(moved) = list.get(position) {
+            moved.position.store(position, Ordering::Relaxed);
+        }
+        self.by_load.remove(&(before, slot.source));
+        if before > 1 {
+            self.by_load.insert((before - 1, slot.source));
+        } else {
+            self.held.remove(&slot.source);
+        }
+    }
+
+    /// The session to evict for a newcomer from `source`: the least
+    /// recently active of the source holding the most, if that source holds
+    /// at least two more than `source` (so that shares only get more even).
+    fn victim(&self, source: IpAddr) -> Option<Arc<Slot<K>>> {
+        let &(most, heaviest) = self.by_load.last()?;
+        if most < self.held(source) + 2 {
+            return None;
+        }
+        self.held
+            .get(&heaviest)?
+            .iter()
+            .min_by_key(|slot| slot.active.load(Ordering::Relaxed))
+            .cloned()
+    }
 }
 
 /// The source a peer's sessions count against: its IPv4 address, or the
@@ -73,8 +262,10 @@ fn source_of(peer: SocketAddr) -> IpAddr {
 }
 
 /// Why a new session was not started.
+#[derive(Clone, Copy)]
 enum Refusal {
-    /// `max_sessions` are live.
+    /// `max_sessions` are live, and no source holds enough more than the
+    /// newcomer's to give up one.
     Full,
     /// The source holds its share.
     SourceFull,
@@ -155,12 +346,16 @@ pub(super) struct Registry<S, K> {
     idle_timeout: Duration,
     max_per_source: usize,
     /// The sessions, by key, in shards chosen by the key's hash.
-    live: Box<[Mutex<HashMap<K, Entry>>]>,
+    live: Box<[Shard<K>]>,
     hasher: RandomState,
     /// Live sessions in all shards.
     count: AtomicUsize,
-    /// Sessions per source, in shards chosen by the source's hash.
-    sources: Box<[Mutex<HashMap<IpAddr, usize>>]>,
+    /// Which source holds which sessions. Locked when a session starts or
+    /// ends, never for a datagram of a live session; always after a shard
+    /// when both are held.
+    ledger: Mutex<Ledger<K>>,
+    /// The zero of the sessions' activity times.
+    epoch: Instant,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
     running: AtomicUsize,
@@ -191,6 +386,7 @@ struct Counters {
     refused: AtomicU64,
     refused_per_source: AtomicU64,
     queue_full: AtomicU64,
+    evicted: AtomicU64,
     closed: AtomicU64,
     timed_out: AtomicU64,
     failed: AtomicU64,
@@ -248,14 +444,19 @@ pub struct SessionStats {
     pub live: usize,
     /// Sessions started.
     pub created: u64,
-    /// Datagrams from new peers dropped because `max_sessions` were live,
-    /// or because their source held its share
+    /// Datagrams from new peers dropped because `max_sessions` were live
+    /// and no source held enough more than theirs to give up a session, or
+    /// because their source held its share
     /// ([`SessionsBuilder::max_sessions_per_source`]).
     pub refused: u64,
     /// Of `refused`, those refused because their source held its share.
     pub refused_per_source: u64,
     /// Datagrams dropped because their session's queue was full.
     pub queue_full: u64,
+    /// Sessions ended to make room for a new peer while `max_sessions`
+    /// were live: each the least recently active session of the source
+    /// holding the most ([`Session::on_evict`]).
+    pub evicted: u64,
     /// Sessions ended by [`Step::close`] (from a datagram or an idle
     /// timeout).
     pub closed: u64,
@@ -359,7 +560,11 @@ impl<S: Session> Sessions<S, SocketAddr> {
 
 impl<S: Session, K> SessionsBuilder<S, K> {
     /// Live sessions at most (default 16 384: enough for a busy service,
-    /// while bounding the memory and tasks they hold).
+    /// while bounding the memory and tasks they hold, about 1.5 KiB each
+    /// besides their state). When all are taken, a new peer evicts the
+    /// least recently active session of the source holding the most, if
+    /// that source holds at least two more than the newcomer's; else its
+    /// datagram is refused (see the [module docs](super#bounds)).
     ///
     /// # Example
     ///
@@ -597,7 +802,8 @@ impl<S: Session, K> SessionsBuilder<S, K> {
                 live: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 hasher: RandomState::new(),
                 count: AtomicUsize::new(0),
-                sources: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                ledger: Mutex::default(),
+                epoch: Instant::now(),
                 next_id: AtomicU64::new(0),
                 shutdown: watch::Sender::new(false),
                 running: AtomicUsize::new(0),
@@ -747,6 +953,7 @@ impl<S, K> Registry<S, K> {
             refused: load(&c.refused),
             refused_per_source: load(&c.refused_per_source),
             queue_full: load(&c.queue_full),
+            evicted: load(&c.evicted),
             closed: load(&c.closed),
             timed_out: load(&c.timed_out),
             failed: load(&c.failed),
@@ -758,49 +965,38 @@ impl<S, K> Registry<S, K> {
 
 impl<S, K: Hash> Registry<S, K> {
     /// The shard of the table that holds `key`.
-    fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, Entry>> {
+    fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, Arc<Slot<K>>>> {
         let index = self.hasher.hash_one(key) as usize % SHARDS;
         self.live[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl<S, K> Registry<S, K> {
-    fn sources_of(&self, source: IpAddr) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
-        let index = self.hasher.hash_one(source) as usize % SHARDS;
-        self.sources[index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn ledger(&self) -> MutexGuard<'_, Ledger<K>> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a place for a new session of `source`, if the table and the
-    /// source's share have room.
-    fn admit(&self, source: IpAddr) -> Result<(), Refusal> {
-        let mut sources = self.sources_of(source);
-        let held = sources.get(&source).copied().unwrap_or(0);
-        if held >= self.max_per_source {
-            return Err(Refusal::SourceFull);
-        }
-        // Only ever up to the cap: a refused admission never raises the
-        // count, even for a moment, so it cannot refuse another below it.
-        let max = self.max_sessions;
-        self.count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .map_err(|_| Refusal::Full)?;
-        *sources.entry(source).or_default() += 1;
-        Ok(())
+    /// Now, as a session's activity time.
+    fn now(&self) -> u64 {
+        let since = Instant::now().saturating_duration_since(self.epoch);
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Gives back the place of an ended session of `source`.
-    fn release(&self, source: IpAddr) {
-        let mut sources = self.sources_of(source);
-        if let Some(held) = sources.get_mut(&source) {
-            *held -= 1;
-            if *held == 0 {
-                sources.remove(&source);
-            }
+    /// Whether the table and `source`'s share have room for one more.
+    fn room(&self, ledger: &Ledger<K>, source: IpAddr) -> Result<(), Refusal> {
+        if ledger.held(source) >= self.max_per_source {
+            Err(Refusal::SourceFull)
+        } else if self.count.load(Ordering::Acquire) >= self.max_sessions {
+            Err(Refusal::Full)
+        } else {
+            Ok(())
         }
+    }
+
+    /// Gives back the place of an ended or evicted session.
+    fn release(&self, slot: &Arc<Slot<K>>) {
+        let mut ledger = self.ledger();
+        ledger.remove(slot);
         self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -812,6 +1008,27 @@ enum End {
     Failed(Option<BoxError>),
     Panicked,
     ShutDown,
+    Evicted,
+}
+
+/// What woke a session.
+enum Event {
+    Datagram(Job),
+    Evicted,
+    ShutDown,
+    Idle,
+}
+
+/// What became of a datagram offered to the table.
+enum Routed<K> {
+    /// Queued to its live session.
+    Queued,
+    /// Queued to a new session, whose task is to start.
+    Started(Arc<Slot<K>>),
+    /// Not taken: its session's queue is full.
+    QueueFull(Job),
+    /// Not taken: no session could be started for it.
+    Refused(Job, Refusal),
 }
 
 impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
@@ -827,117 +1044,250 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
     }
 
     /// Hands `request` to its session, starting one for a new peer. The
-    /// error is the reason it was dropped. Only the key's shard is locked,
-    /// and nothing slow runs under it: the session's state is made, and its
-    /// task spawned, after the lock is released.
+    /// error is the reason it was dropped.
     pub(super) fn dispatch(
         self: &Arc<Self>,
         request: Request,
         outcome: oneshot::Sender<Outcome>,
     ) -> Result<(), DropReason> {
-        let key = (self.key)(&request);
-        let job = Job { request, outcome };
-        let started = {
-            let mut live = self.shard(&key);
-            let job = match live.get(&key) {
-                Some(entry) => match entry.queue.try_send(job) {
-                    Ok(()) => return Ok(()),
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
-                        return Err(DropReason::Overloaded);
-                    }
-                    // The session's task is gone without unregistering (its
-                    // runtime was dropped): replace it.
-                    Err(mpsc::error::TrySendError::Closed(job)) => {
-                        if let Some(gone) = live.remove(&key) {
-                            self.release(gone.source);
-                        }
-                        job
-                    }
-                },
-                None => job,
-            };
-            let peer = job.request.peer();
-            let source = source_of(peer);
-            if let Err(refusal) = self.admit(source) {
-                self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                if matches!(refusal, Refusal::SourceFull) {
-                    self.counters
-                        .refused_per_source
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                tracing::debug!(target: TARGET, %peer, per_source = matches!(refusal, Refusal::SourceFull), "session refused");
-                return Err(DropReason::Overloaded);
-            }
-            self.register(&mut live, key.clone(), vec![job], source)
-        };
-        self.spawn(key, started);
-        Ok(())
+        self.route(Job { request, outcome })
+            .map_err(|(reason, _)| reason)
     }
 
-    /// Registers a session with `jobs` already queued (at least one) in its
-    /// shard, `live`, counting in `source`'s share (already taken).
-    fn register(
-        &self,
-        live: &mut HashMap<K, Entry>,
-        key: K,
-        jobs: Vec<Job>,
-        source: IpAddr,
-    ) -> Started {
-        let first = &jobs[0].request;
-        let context = SessionContext {
-            peer: first.peer(),
-            sender: first.sender().clone(),
+    /// [`dispatch`](Self::dispatch), giving back a dropped datagram with
+    /// the reason. When the table is full, a new peer may evict a session
+    /// of the heaviest source ([`Ledger::victim`]) and try once more.
+    // The datagram is given back by move: boxing it would allocate per drop.
+    #[allow(clippy::result_large_err)]
+    fn route(self: &Arc<Self>, job: Job) -> Result<(), (DropReason, Job)> {
+        let key = (self.key)(&job.request);
+        let mut job = job;
+        let mut evicted = false;
+        loop {
+            match self.enqueue(&key, job) {
+                Routed::Queued => return Ok(()),
+                Routed::Started(slot) => {
+                    self.spawn(slot);
+                    return Ok(());
+                }
+                Routed::QueueFull(full) => {
+                    self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                    return Err((DropReason::Overloaded, full));
+                }
+                Routed::Refused(refused, Refusal::Full)
+                    if !evicted && self.evict_for(source_of(refused.request.peer())) =>
+                {
+                    evicted = true;
+                    job = refused;
+                }
+                Routed::Refused(refused, refusal) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    let per_source = matches!(refusal, Refusal::SourceFull);
+                    if per_source {
+                        self.counters
+                            .refused_per_source
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::debug!(target: TARGET, peer = %refused.request.peer(), per_source, "session refused");
+                    return Err((DropReason::Overloaded, refused));
+                }
+            }
+        }
+    }
+
+    /// Queues `job` to the session of `key`, registering a new one if
+    /// there is room. Only the key's shard (and, for a new session, the
+    /// ledger) is locked, and nothing slow runs under them: the session's
+    /// state is made, and its task spawned, after they are released.
+    fn enqueue(&self, key: &K, job: Job) -> Routed<K> {
+        let now = self.now();
+        let mut live = self.shard(key);
+        let job = match live.get(key) {
+            None => job,
+            Some(slot) => match slot.push(job, self.queue_size, now) {
+                Ok(()) => return Routed::Queued,
+                Err(Push::Full(job)) => return Routed::QueueFull(job),
+                // The session's task is gone without unregistering (its
+                // runtime was dropped): replace it.
+                Err(Push::Closed(job)) => {
+                    if let Some(gone) = live.remove(key) {
+                        self.release(&gone);
+                    }
+                    job
+                }
+            },
         };
-        let (queue, receiver) = mpsc::channel(self.queue_size.max(jobs.len()));
-        for job in jobs {
-            // Room for all: the channel was sized for them.
-            let _ = queue.try_send(job);
+        let source = source_of(job.request.peer());
+        let mut ledger = self.ledger();
+        if let Err(refusal) = self.room(&ledger, source) {
+            return Routed::Refused(job, refusal);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        live.insert(key, Entry { id, queue, source });
-        Started {
+        let slot = Arc::new(Slot::new(
+            key.clone(),
             id,
-            receiver,
-            context,
             source,
+            VecDeque::from([job]),
+            now,
+        ));
+        self.count.fetch_add(1, Ordering::AcqRel);
+        ledger.add(slot.clone());
+        drop(ledger);
+        live.insert(key.clone(), slot.clone());
+        Routed::Started(slot)
+    }
+
+    /// Evicts a session to make room for a new peer from `source`, if a
+    /// source holds enough more than it; the evicted session handles what
+    /// it has queued, then ends. Whether a place may have come free.
+    fn evict_for(&self, source: IpAddr) -> bool {
+        let Some(victim) = self.ledger().victim(source) else {
+            return false;
+        };
+        let mut live = self.shard(&victim.key);
+        if live
+            .get(&victim.key)
+            .is_some_and(|slot| Arc::ptr_eq(slot, &victim))
+        {
+            live.remove(&victim.key);
+            victim.evict();
+            self.release(&victim);
+            self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target: TARGET, id = victim.id, source = %victim.source, "session evicted");
         }
+        // Else it ended meanwhile, giving back its place.
+        true
     }
 
     /// Starts the task of a registered session; its state is made there.
-    fn spawn(self: &Arc<Self>, key: K, started: Started) {
+    fn spawn(self: &Arc<Self>, slot: Arc<Slot<K>>) {
         self.counters.created.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         self.publish_metrics();
         self.running.fetch_add(1, Ordering::AcqRel);
-        tracing::debug!(target: TARGET, peer = %started.context.peer, id = started.id, "session start");
-        tokio::spawn(self.clone().run(key, started));
+        let context = match slot.inbox().jobs.front() {
+            Some(first) => SessionContext {
+                peer: first.request.peer(),
+                sender: first.request.sender().clone(),
+            },
+            None => unreachable!("a session starts with a datagram"),
+        };
+        tracing::debug!(target: TARGET, peer = %context.peer, id = slot.id, "session start");
+        let alive = Alive {
+            registry: self.clone(),
+            slot,
+        };
+        tokio::spawn(alive.run(context));
     }
 
-    async fn run(self: Arc<Self>, key: K, started: Started) {
-        let Started {
-            id,
-            receiver: mut queue,
-            mut context,
-            source,
-        } = started;
-        let mut state = (self.factory)(context.peer);
-        let mut shutdown = self.shutdown.subscribe();
-        let mut idle_timeout = self.idle_timeout;
+    /// Unregisters a session. Datagrams that reached its queue after it
+    /// decided to end go, in order, to a fresh session for the same key,
+    /// which keeps its place in the source's share.
+    fn finish(self: &Arc<Self>, slot: &Arc<Slot<K>>) {
+        let (fresh, stray) = {
+            let mut live = self.shard(&slot.key);
+            let leftovers = slot.close();
+            let registered = live
+                .get(&slot.key)
+                .is_some_and(|held| Arc::ptr_eq(held, slot));
+            if !registered {
+                // Evicted: its place is already given back.
+                (None, leftovers)
+            } else if leftovers.is_empty() {
+                live.remove(&slot.key);
+                self.release(slot);
+                (None, leftovers)
+            } else {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let fresh = Arc::new(Slot::new(
+                    slot.key.clone(),
+                    id,
+                    slot.source,
+                    leftovers,
+                    self.now(),
+                ));
+                let mut ledger = self.ledger();
+                ledger.remove(slot);
+                ledger.add(fresh.clone());
+                drop(ledger);
+                live.insert(slot.key.clone(), fresh.clone());
+                (Some(fresh), VecDeque::new())
+            }
+        };
+        if let Some(fresh) = fresh {
+            self.spawn(fresh);
+        }
+        // An evicted session that ended on its own before handling all it
+        // had queued: those datagrams take their chances as new ones.
+        for job in stray {
+            if let Err((reason, job)) = self.route(job) {
+                let _ = job.outcome.send(Outcome::Dropped(reason));
+            }
+        }
+    }
+}
+
+/// A running session: its table and its slot. Dropped when the task
+/// ends, however it ends (even unpolled with its runtime), it closes the
+/// session's queue, so the next datagram starts a fresh session, and lets
+/// [`Sessions::shutdown`] know.
+struct Alive<S, K> {
+    registry: Arc<Registry<S, K>>,
+    slot: Arc<Slot<K>>,
+}
+
+impl<S, K> Drop for Alive<S, K> {
+    fn drop(&mut self) {
+        self.slot.inbox().closed = true;
+        self.registry.running.fetch_sub(1, Ordering::AcqRel);
+        self.registry.ended.notify_waiters();
+    }
+}
+
+impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Alive<S, K> {
+    async fn run(self, mut context: SessionContext) {
+        let registry = &self.registry;
+        let slot = &self.slot;
+        let made = std::panic::catch_unwind(AssertUnwindSafe(|| (registry.factory)(context.peer)));
+        let mut state = match made {
+            Ok(state) => state,
+            Err(panic) => {
+                // The first datagram carries the panic to the server.
+                if let Some(first) = slot.inbox().jobs.pop_front() {
+                    let _ = first.outcome.send(Outcome::Panicked(panic));
+                }
+                tracing::error!(target: TARGET, peer = %context.peer, "the session factory panicked");
+                registry.counters.panicked.fetch_add(1, Ordering::Relaxed);
+                registry.finish(slot);
+                return;
+            }
+        };
+        let mut shutdown = registry.shutdown.subscribe();
+        let mut idle_timeout = registry.idle_timeout;
         let mut next_wait: Option<Duration> = None;
         // One timer for the session's life, reset at each turn.
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         let end = loop {
             let wait = next_wait.take().unwrap_or(idle_timeout);
-            idle.as_mut().reset(tokio::time::Instant::now() + wait);
-            let step = tokio::select! {
+            idle.as_mut().reset(Instant::now() + wait);
+            let event = tokio::select! {
                 // Queued datagrams first: shutdown waits until the queue is empty.
                 biased;
-                job = queue.recv() => {
-                    let Some(job) = job else { break End::ShutDown };
+                job = poll_fn(|cx| slot.poll_next(cx)) => match job {
+                    Some(job) => Event::Datagram(job),
+                    None => Event::Evicted,
+                },
+                () = async { drop(shutdown.wait_for(|stopping| *stopping).await) } => Event::ShutDown,
+                () = idle.as_mut() => Event::Idle,
+            };
+            let step = match event {
+                Event::Datagram(job) => {
                     context.sender = job.request.sender().clone();
-                    match AssertUnwindSafe(state.handle(job.request)).catch_unwind().await {
+                    match AssertUnwindSafe(state.handle(job.request))
+                        .catch_unwind()
+                        .await
+                    {
                         Ok(step) => match step.next {
                             Next::Error(error) => {
                                 run_hook(state.on_error(&error, &context)).await;
@@ -955,11 +1305,15 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
                         }
                     }
                 }
-                () = async { drop(shutdown.wait_for(|stopping| *stopping).await) } => break End::ShutDown,
-                () = idle.as_mut() => {
-                    self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(target: TARGET, peer = %context.peer, id, "session idle");
-                    match AssertUnwindSafe(state.on_idle(&context)).catch_unwind().await {
+                Event::Evicted => break End::Evicted,
+                Event::ShutDown => break End::ShutDown,
+                Event::Idle => {
+                    registry.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(target: TARGET, peer = %context.peer, id = slot.id, "session idle");
+                    match AssertUnwindSafe(state.on_idle(&context))
+                        .catch_unwind()
+                        .await
+                    {
                         Ok(step) => {
                             if let Some(reply) = &step.reply {
                                 let _ = context.sender.send_to(context.peer, reply).await;
@@ -981,64 +1335,36 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
                 Next::Error(_) => unreachable!("errors end the loop above"),
             }
         };
+        let counters = &registry.counters;
         let counter = match &end {
             End::Closed => {
                 run_hook(state.on_close(&context)).await;
-                &self.counters.closed
+                Some(&counters.closed)
             }
             End::Failed(error) => {
                 if let Some(error) = error {
                     run_hook(state.on_error(error, &context)).await;
                 }
-                &self.counters.failed
+                Some(&counters.failed)
             }
-            End::Panicked => &self.counters.panicked,
+            End::Panicked => Some(&counters.panicked),
             End::ShutDown => {
                 run_hook(state.on_shutdown(&context)).await;
-                &self.counters.shut_down
+                Some(&counters.shut_down)
             }
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        drop(state);
-        self.finish(key, id, source, queue);
-        tracing::debug!(target: TARGET, peer = %context.peer, id, "session stop");
-        self.running.fetch_sub(1, Ordering::AcqRel);
-        self.ended.notify_waiters();
-    }
-
-    /// Unregisters a session. Datagrams that reached its queue after it
-    /// decided to end go, in order, to a fresh session for the same key,
-    /// which keeps its place in the source's share.
-    fn finish(self: &Arc<Self>, key: K, id: u64, source: IpAddr, mut queue: mpsc::Receiver<Job>) {
-        let started = {
-            let mut live = self.shard(&key);
-            if live.get(&key).is_some_and(|entry| entry.id == id) {
-                live.remove(&key);
-            }
-            queue.close();
-            let mut leftovers = Vec::new();
-            while let Ok(job) = queue.try_recv() {
-                leftovers.push(job);
-            }
-            if leftovers.is_empty() {
-                self.release(source);
+            // Counted when it was evicted.
+            End::Evicted => {
+                run_hook(state.on_evict(&context)).await;
                 None
-            } else {
-                Some(self.register(&mut live, key.clone(), leftovers, source))
             }
         };
-        if let Some(started) = started {
-            self.spawn(key, started);
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
+        drop(state);
+        registry.finish(slot);
+        tracing::debug!(target: TARGET, peer = %context.peer, id = slot.id, "session stop");
     }
-}
-
-/// A session registered in the table, whose task is to start.
-struct Started {
-    id: u64,
-    receiver: mpsc::Receiver<Job>,
-    context: SessionContext,
-    source: IpAddr,
 }
 
 /// Runs a hook; a panic in it is logged, and the session ends anyway.

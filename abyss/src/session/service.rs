@@ -163,6 +163,7 @@ impl fmt::Debug for Outcome {
                 .finish(),
             Outcome::Failed(error) => f.debug_tuple("Failed").field(error).finish(),
             Outcome::Panicked(_) => f.write_str("Panicked"),
+            Outcome::Dropped(reason) => f.debug_tuple("Dropped").field(reason).finish(),
         }
     }
 }
@@ -177,6 +178,7 @@ impl Future for SessionFuture {
                 Ok(Outcome::Reply(reply)) => Poll::Ready(Ok(reply)),
                 Ok(Outcome::Failed(error)) => Poll::Ready(Err(error)),
                 Ok(Outcome::Panicked(panic)) => std::panic::resume_unwind(panic),
+                Ok(Outcome::Dropped(reason)) => Poll::Ready(Err(reason.into_error())),
                 Err(_) => Poll::Ready(Err("the session ended before handling the datagram".into())),
             },
         }
