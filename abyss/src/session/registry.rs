@@ -71,7 +71,8 @@ struct Slot<K> {
     id: u64,
     /// The source whose share this session counts in.
     source: IpAddr,
-    /// When it last got a datagram: nanoseconds since the table was built.
+    /// When it last began a turn (a datagram or its idle timeout):
+    /// nanoseconds since the table was built.
     active: AtomicU64,
     /// Its place in its source's list in the [`Ledger`] (changed only under
     /// the ledger's lock).
@@ -118,7 +119,7 @@ impl<K> Slot<K> {
     /// Queues `job` unless the queue holds `capacity` or is closed.
     // The datagram is given back by move: boxing it would allocate per drop.
     #[allow(clippy::result_large_err)]
-    fn push(&self, job: Job, capacity: usize, now: u64) -> Result<(), Push> {
+    fn push(&self, job: Job, capacity: usize) -> Result<(), Push> {
         let mut inbox = self.inbox();
         if inbox.closed {
             return Err(Push::Closed(job));
@@ -129,7 +130,6 @@ impl<K> Slot<K> {
         inbox.jobs.push_back(job);
         let waiter = inbox.waiter.take();
         drop(inbox);
-        self.active.store(now, Ordering::Relaxed);
         if let Some(waiter) = waiter {
             waiter.wake();
         }
@@ -976,9 +976,9 @@ impl<S, K> Registry<S, K> {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Now, as a session's activity time.
-    fn now(&self) -> u64 {
-        let since = Instant::now().saturating_duration_since(self.epoch);
+    /// `at` as a session's activity time.
+    fn stamp(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.epoch);
         u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
     }
 
@@ -1100,11 +1100,10 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
     /// ledger) is locked, and nothing slow runs under them: the session's
     /// state is made, and its task spawned, after they are released.
     fn enqueue(&self, key: &K, job: Job) -> Routed<K> {
-        let now = self.now();
         let mut live = self.shard(key);
         let job = match live.get(key) {
             None => job,
-            Some(slot) => match slot.push(job, self.queue_size, now) {
+            Some(slot) => match slot.push(job, self.queue_size) {
                 Ok(()) => return Routed::Queued,
                 Err(Push::Full(job)) => return Routed::QueueFull(job),
                 // The session's task is gone without unregistering (its
@@ -1128,7 +1127,7 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
             id,
             source,
             VecDeque::from([job]),
-            now,
+            self.stamp(Instant::now()),
         ));
         self.count.fetch_add(1, Ordering::AcqRel);
         ledger.add(slot.clone());
@@ -1204,7 +1203,7 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
                     id,
                     slot.source,
                     leftovers,
-                    self.now(),
+                    self.stamp(Instant::now()),
                 ));
                 let mut ledger = self.ledger();
                 ledger.remove(slot);
@@ -1270,7 +1269,11 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Alive<S, K> {
         tokio::pin!(idle);
         let end = loop {
             let wait = next_wait.take().unwrap_or(idle_timeout);
-            idle.as_mut().reset(Instant::now() + wait);
+            // Each turn marks the session active: one clock read serves the
+            // timer and eviction's choice of the least recently active.
+            let now = Instant::now();
+            idle.as_mut().reset(now + wait);
+            slot.active.store(registry.stamp(now), Ordering::Relaxed);
             let event = tokio::select! {
                 // Queued datagrams first: shutdown waits until the queue is empty.
                 biased;
