@@ -16,6 +16,14 @@ struct Args {
     /// Seconds a quiet peer's session lives.
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
+    /// Sessions at most.
+    #[arg(long, default_value_t = 16_384)]
+    max_sessions: usize,
+    /// Sessions one source (IPv4 address, IPv6 /64) may hold at most
+    /// (default a sixteenth of --max-sessions); raise it for peers behind a
+    /// NAT, or for a load generator on one address.
+    #[arg(long)]
+    max_sessions_per_source: Option<usize>,
 }
 
 struct Counter(u64);
@@ -44,9 +52,13 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Listen for Ctrl-C and SIGTERM before saying we are ready.
     let stop = abyss::shutdown_signal();
-    let sessions = Sessions::builder(|_peer| Counter(0))
+    let mut sessions = Sessions::builder(|_peer| Counter(0))
         .idle_timeout(Duration::from_secs(args.idle_secs))
-        .build()?;
+        .max_sessions(args.max_sessions);
+    if let Some(share) = args.max_sessions_per_source {
+        sessions = sessions.max_sessions_per_source(share);
+    }
+    let sessions = sessions.build()?;
     let ending = sessions.clone();
     let handle = Server::bind(args.bind)
         .on_shutdown(move || ending.shutdown())

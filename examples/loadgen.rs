@@ -63,6 +63,11 @@ struct Args {
     /// then spends less CPU per datagram than the server it measures.
     #[arg(long)]
     gso: bool,
+    /// Count every datagram from the server as a reply, whatever it holds,
+    /// for servers that answer without echoing (the counter example):
+    /// replies are counted, latencies are not.
+    #[arg(long)]
+    any_reply: bool,
 }
 
 /// What one socket saw during the measured window.
@@ -128,13 +133,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut tasks = Vec::new();
     for _ in 0..args.sockets {
         let transport = Arc::new(UdpTransport::bind(local, &UdpOptions::new())?);
+        let load = Load {
+            window: args.window,
+            size: args.size,
+            gso: args.gso,
+            any_reply: args.any_reply,
+            loss_timeout: Duration::from_millis(args.loss_timeout_ms),
+        };
         tasks.push(tokio::spawn(drive(
             transport,
             args.target,
-            args.window,
-            args.size,
-            args.gso,
-            Duration::from_millis(args.loss_timeout_ms),
+            load,
             (start, measure_from, measure_until),
         )));
     }
@@ -190,16 +199,29 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
 }
 
+/// What one socket sends: see [`Args`].
+struct Load {
+    window: usize,
+    size: usize,
+    gso: bool,
+    any_reply: bool,
+    loss_timeout: Duration,
+}
+
 /// Keeps `window` requests in flight on one socket until `until`.
 async fn drive(
     transport: Arc<UdpTransport>,
     target: SocketAddr,
-    window: usize,
-    size: usize,
-    gso: bool,
-    loss_timeout: Duration,
+    load: Load,
     (start, from, until): (Instant, Instant, Instant),
 ) -> std::io::Result<Tally> {
+    let Load {
+        window,
+        size,
+        gso,
+        any_reply,
+        loss_timeout,
+    } = load;
     let mut tally = Tally {
         histogram: Some(new_histogram()),
         ..Tally::default()
@@ -277,7 +299,17 @@ async fn drive(
                 last_heard = arrived;
                 let now_ns = arrived.duration_since(start).as_nanos() as u64;
                 for (m, buf) in meta.iter().zip(&recv_bufs).take(n) {
-                    if m.len < 16 || m.peer != target {
+                    if m.peer != target {
+                        continue;
+                    }
+                    if any_reply {
+                        outstanding = outstanding.saturating_sub(1);
+                        if arrived >= from {
+                            tally.replies += 1;
+                        }
+                        continue;
+                    }
+                    if m.len < 16 {
                         continue;
                     }
                     outstanding = outstanding.saturating_sub(1);
