@@ -8,7 +8,10 @@
 #   bench/cores.sh [RUNS] [SECONDS] [HANDLER_US]   (defaults: 5, 5, 50)
 #
 # The load generator runs on CLIENT_CPU (default 0); "pinned" servers on
-# SERVER_CPU (default 1), the others on every cpu. Needs taskset and ss.
+# SERVER_CPU (default 1), the others on every cpu. LOADGEN_FLAGS adds
+# loadgen options to every load: `--gso` makes the generator, which shares
+# a cpu with the servers on every cpu, spend less of it. Needs taskset and
+# ss.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +20,7 @@ seconds=${2:-5}
 cpu_us=${3:-50}
 server_cpu=${SERVER_CPU:-1}
 client_cpu=${CLIENT_CPU:-0}
+read -r -a extra <<< "${LOADGEN_FLAGS:-}"
 
 cargo build --release --quiet --example echo --example baseline_echo --example loadgen
 bin=target/release/examples
@@ -37,7 +41,7 @@ declare -A names=([4300]="abyss, auto, every cpu" [4301]="abyss, auto, pinned to
 declare -A results
 load() { # port, loadgen flags...
     local port=$1; shift
-    taskset -c "$client_cpu" "$bin/loadgen" --target "127.0.0.1:$port" --duration "$seconds" --warmup 1 --json "$@"
+    taskset -c "$client_cpu" "$bin/loadgen" --target "127.0.0.1:$port" --duration "$seconds" --warmup 1 --json "${extra[@]}" "$@"
 }
 
 for run in $(seq "$runs"); do
