@@ -480,6 +480,133 @@ async fn new_peers_are_answered_while_floods_from_many_ports_hold_the_sessions()
     handle.shutdown().await;
 }
 
+/// A raw IPv4 socket that writes its own headers: sends UDP datagrams
+/// from any source address (loopback routes all of 127/8 to this host).
+/// `None` without the privilege (root or `CAP_NET_RAW`).
+fn spoofer() -> Option<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)).ok()?;
+    socket.set_header_included_v4(true).ok()?;
+    Some(socket)
+}
+
+/// An IPv4 + UDP packet from `source` to `target` carrying `payload`. The
+/// kernel fills in the IP checksum and length; UDP over IPv4 may leave
+/// its checksum zero.
+fn spoofed(source: SocketAddr, target: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let (SocketAddr::V4(source), SocketAddr::V4(target)) = (source, target) else {
+        unreachable!("IPv4 only")
+    };
+    let udp_len = 8 + payload.len() as u16;
+    let mut packet = Vec::with_capacity(20 + usize::from(udp_len));
+    packet.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    packet.extend_from_slice(&source.ip().octets());
+    packet.extend_from_slice(&target.ip().octets());
+    packet.extend_from_slice(&source.port().to_be_bytes());
+    packet.extend_from_slice(&target.port().to_be_bytes());
+    packet.extend_from_slice(&udp_len.to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    packet
+}
+
+/// Sends `count` spoofed datagrams to `server`, the i-th from
+/// `source(i)`, as fast as one thread can; then waits until the server has
+/// read or lost them all. Returns the server's datagrams read per second
+/// from the first send to the last read, and its counters.
+async fn spoofed_flood(
+    handle: &ServerHandle,
+    socket: socket2::Socket,
+    count: u32,
+    source: fn(u32) -> SocketAddr,
+) -> (f64, Stats) {
+    let server = SocketAddr::from((Ipv4Addr::LOCALHOST, handle.local_addr().port()));
+    let before = handle.stats();
+    let start = std::time::Instant::now();
+    let sent = tokio::task::spawn_blocking(move || {
+        let to = socket2::SockAddr::from(server);
+        let mut sent = 0u64;
+        for i in 0..count {
+            let packet = spoofed(source(i), server, b"hello");
+            // A full send buffer refuses a packet: it is not sent.
+            if socket.send_to(&packet, &to).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+    .await
+    .unwrap();
+    let stats = wait_for_stats(handle, "the spoofed flood read or lost", |s| {
+        s.received + s.kernel_drops.unwrap_or(0)
+            >= before.received + before.kernel_drops.unwrap_or(0) + sent
+            && s.in_flight == 0
+    })
+    .await;
+    let read = stats.received - before.received;
+    (read as f64 / start.elapsed().as_secs_f64(), stats)
+}
+
+/// The 127.x.y.z source of flood datagram `i` when each comes from a
+/// source of its own...
+fn many_sources(i: u32) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::from(0x7f01_0000 + i), 5353))
+}
+
+/// ...and when 8 sources send them all.
+fn eight_sources(i: u32) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(127, 2, 0, (i % 8) as u8 + 1), 5353))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_flood_from_new_sources_is_handled_nearly_as_fast_as_one_from_known_ones() {
+    let Some(socket) = spoofer() else {
+        eprintln!("skipped: spoofing sources needs a raw socket (root or CAP_NET_RAW)");
+        return;
+    };
+    // Twice as many sources as the rate limiter tracks (65 536 by
+    // default), at 1 datagram a second each: once its table is full of
+    // sources that are not idle, every new one looks for a place.
+    const FLOOD: u32 = 131_072;
+    let mut rates = Vec::new();
+    for (name, source) in [
+        ("8 sources", eight_sources as fn(u32) -> SocketAddr),
+        ("131072 new sources", many_sources),
+    ] {
+        // A fresh server each time, so every source of the second flood
+        // is new to the rate limiter's table.
+        let limiter = abyss::middleware::PeerRateLimiter::new(RateQuota::per_second(1)).unwrap();
+        // No replies: a reply to a spoofed loopback source costs the
+        // kernel an ICMP error, which would swamp what is measured.
+        let silent = service_fn(|_: Request| async { Ok::<_, Infallible>(None::<bytes::Bytes>) });
+        let handle = Server::bind("0.0.0.0:0")
+            .listeners(1)
+            .rate_limiter(limiter.clone())
+            .serve(silent)
+            .await
+            .unwrap();
+        let (rate, stats) =
+            spoofed_flood(&handle, socket.try_clone().unwrap(), FLOOD, source).await;
+        assert_accounted(&stats);
+        let limits = limiter.stats();
+        assert!(limits.tracked_peers <= 65_536, "{limits:?}");
+        println!(
+            "reliability-detail: {name}: {rate:.0} datagrams/s read, {} read, {} lost by the kernel, {} rate limited, {} handled, {} sources tracked",
+            stats.received,
+            stats.kernel_drops.unwrap_or(0),
+            stats.dropped.rate_limited,
+            stats.no_reply,
+            limits.tracked_peers,
+        );
+        rates.push(rate);
+        handle.shutdown().await;
+    }
+    println!(
+        "reliability: new-source flood | {FLOOD} spoofed datagrams, each from a new source vs from 8 | per-peer rate limit 1/s, 65536 tracked | read rate ratio {:.2}",
+        rates[1] / rates[0]
+    );
+}
+
 /// This process's resident set, in KiB.
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -127,6 +127,28 @@ fn layers(c: &mut Criterion) {
         limiter.layer().layer(Answer),
         &many_peers,
     );
+    // A flood of new sources against a full table (65 536 tracked) of
+    // sources that are not idle (1 a second each): each datagram is from a
+    // source never seen, which must look for a place or share the overflow.
+    let strict = PeerRateLimiter::new(RateQuota::per_second(1)).unwrap();
+    let mut strict_layer = strict.layer().layer(Answer);
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut next = 0u32;
+    // Arriving now: a source stays active for the second after its datagram.
+    let mut new_peer = move || {
+        next = next.wrapping_add(1);
+        Packet {
+            peer: SocketAddr::from((std::net::Ipv4Addr::from(0x0b00_0000 + next), 4000)),
+            len: 64,
+            at: std::time::Instant::now(),
+        }
+    };
+    for _ in 0..70_000 {
+        one(&mut strict_layer, &mut cx, new_peer());
+    }
+    c.bench_function("rate limit, a new peer each datagram, table full", |b| {
+        b.iter(|| one(&mut strict_layer, &mut cx, black_box(new_peer())))
+    });
     bench(
         c,
         "concurrency limit",

@@ -460,3 +460,41 @@ fn a_rate_limit_error_names_the_part_at_fault() {
         .unwrap_err();
     assert_eq!(error.field, "max_tracked_peers");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_peer_takes_an_idle_peers_place_and_every_peer_keeps_its_own_state() {
+    let quota = RateQuota::per_second(1).with_burst(1);
+    let limiter = PeerRateLimiter::builder(quota)
+        .max_tracked_peers(8)
+        .build()
+        .unwrap();
+    let peer = |i: u8| SocketAddr::from(([10, 0, 0, i], 1));
+    for i in 0..8 {
+        assert!(limiter.check(peer(i)));
+    }
+    tokio::time::advance(Duration::from_millis(500)).await;
+    // Peers 0 to 3 spend their allowance again later: only 4 to 7 go idle.
+    tokio::time::advance(Duration::from_millis(600)).await;
+    for i in 0..4 {
+        assert!(limiter.check(peer(i)));
+    }
+    // Four newcomers take the four idle places, one each.
+    for i in 100..104 {
+        assert!(limiter.check(peer(i)), "peer {i} finds an idle place");
+    }
+    let stats = limiter.stats();
+    assert_eq!((stats.tracked_peers, stats.evicted), (8, 4), "{stats:?}");
+    // Every tracked peer's state is its own: all have spent their
+    // allowance, so each is limited now.
+    for i in (0..4).chain(100..104) {
+        assert!(
+            !limiter.check(peer(i)),
+            "peer {i} is limited by its own state"
+        );
+    }
+    // A fifth newcomer finds no idle place: it shares the overflow
+    // allowance, and the tracked peers keep theirs.
+    assert!(limiter.check(peer(200)));
+    assert!(!limiter.check(peer(201)), "the overflow allowance is spent");
+    assert_eq!(limiter.stats().tracked_peers, 8);
+}

@@ -305,8 +305,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> PeerRateLimiter<K> {
         }
     }
 
-    /// Drops every peer whose allowance has fully refilled. The table does
-    /// this by itself when it is full; call it to give memory back sooner.
+    /// Drops every peer whose allowance has fully refilled: a scan of the
+    /// whole table, one shard at a time. A full table gives idle peers'
+    /// places to new ones by itself, without a scan; call this to give
+    /// memory back sooner.
     ///
     /// # Example
     ///

@@ -33,11 +33,14 @@
 //!
 //! At most `max_tracked_peers` keys are kept (default 65 536). A key whose
 //! allowance has fully refilled carries no information, so when the table is
-//! full such idle keys are evicted first. If every tracked peer is still
-//! active, a new peer shares an overflow allowance with the other newcomers
-//! (one allowance per shard of the table; there are at most 64 shards) until
-//! room frees up, so a flood of spoofed sources can neither grow memory nor
-//! escape the limit.
+//! full a new peer takes the place of such an idle key: it looks at the next
+//! 8 keys from a hand that sweeps round its shard (CLOCK), so each new peer
+//! costs a bounded amount of work, with no scan of the table under its lock.
+//! If none of them is idle, the new peer shares an overflow allowance with
+//! the other newcomers (one allowance per shard of the table; there are at
+//! most 64 shards) until room frees up, so a flood of spoofed sources can
+//! neither grow memory nor escape the limit, and a datagram it gets dropped
+//! for allocates nothing.
 //!
 //! Limited datagrams fail with [`error::RateLimited`](crate::error::RateLimited)
 //! (found by [`drop_reason`](crate::drop_reason) as

@@ -68,17 +68,56 @@ impl Clock for TableClock {
     }
 }
 
+/// Slots a new key inspects, from the clock hand on, for an idle key to
+/// replace when its shard is full: bounded work per new key, and no scan
+/// of the shard under its lock.
+const PROBES: usize = 8;
+
 /// One shard: peers, the overflow allowance, and counters.
+///
+/// Keys live in `slots`, in no order, with their theoretical arrival times;
+/// `index` finds a key's slot. When the shard is full, a new key takes the
+/// slot of an idle key (one whose allowance has fully refilled, so that
+/// forgetting it loses nothing) found among the next [`PROBES`] slots
+/// from a hand that sweeps round the slots (CLOCK); with none there, it
+/// shares the overflow allowance.
 #[derive(Debug)]
 struct Shard<K> {
-    /// Key -> theoretical arrival time (ns since the base).
-    peers: HashMap<K, u64>,
+    /// Key -> its place in `slots`.
+    index: HashMap<K, usize>,
+    /// Key and theoretical arrival time (ns since the base).
+    slots: Vec<(K, u64)>,
+    /// Where the next search for an idle key starts.
+    hand: usize,
     capacity: usize,
     /// The allowance new peers share while the shard is full of active ones.
     overflow: Option<u64>,
     allowed: u64,
     limited: u64,
     evicted: u64,
+}
+
+impl<K: Hash + Eq + Clone> Shard<K> {
+    /// An idle key's slot among the next [`PROBES`] from the hand.
+    fn idle_slot(&mut self, now: u64) -> Option<usize> {
+        let len = self.slots.len();
+        for _ in 0..PROBES.min(len) {
+            let at = self.hand % len;
+            self.hand = at + 1;
+            if self.slots[at].1 <= now {
+                return Some(at);
+            }
+        }
+        None
+    }
+
+    /// Puts `key` in slot `at`, forgetting the key there.
+    fn replace(&mut self, at: usize, key: &K, tat: u64) {
+        let (old, _) = std::mem::replace(&mut self.slots[at], (key.clone(), tat));
+        self.index.remove(&old);
+        self.index.insert(key.clone(), at);
+        self.evicted += 1;
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +149,9 @@ impl<K: Hash + Eq + Clone> Table<K> {
                 // Split the capacity exactly: the total never exceeds it.
                 let share = capacity / count + usize::from(i < capacity % count);
                 Padded(Mutex::new(Shard {
-                    peers: HashMap::with_capacity(share.min(1024)),
+                    index: HashMap::with_capacity(share.min(1024)),
+                    slots: Vec::with_capacity(share.min(1024)),
+                    hand: 0,
                     capacity: share,
                     overflow: None,
                     allowed: 0,
@@ -135,7 +176,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
         let mut totals = Totals::default();
         for shard in self.shards.iter() {
             let shard = shard.0.lock().unwrap_or_else(|e| e.into_inner());
-            totals.tracked += shard.peers.len();
+            totals.tracked += shard.slots.len();
             totals.allowed += shard.allowed;
             totals.limited += shard.limited;
             totals.evicted += shard.evicted;
@@ -147,7 +188,8 @@ impl<K: Hash + Eq + Clone> Table<K> {
     pub(super) fn forget_all(&self) {
         for shard in self.shards.iter() {
             let mut shard = shard.0.lock().unwrap_or_else(|e| e.into_inner());
-            shard.peers.clear();
+            shard.index.clear();
+            shard.slots.clear();
             shard.overflow = None;
         }
     }
@@ -162,10 +204,16 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 }
 
-fn evict_idle<K>(shard: &mut Shard<K>, now: u64) {
-    let before = shard.peers.len();
-    shard.peers.retain(|_, tat| *tat > now);
-    shard.evicted += (before - shard.peers.len()) as u64;
+fn evict_idle<K: Hash + Eq + Clone>(shard: &mut Shard<K>, now: u64) {
+    let before = shard.slots.len();
+    shard.slots.retain(|(_, tat)| *tat > now);
+    if shard.slots.len() != before {
+        shard.evicted += (before - shard.slots.len()) as u64;
+        shard.index.clear();
+        for (at, (key, _)) in shard.slots.iter().enumerate() {
+            shard.index.insert(key.clone(), at);
+        }
+    }
     if shard.overflow.is_some_and(|tat| tat <= now) {
         shard.overflow = None;
     }
@@ -184,25 +232,29 @@ impl<K: Hash + Eq + Clone> StateStore for SharedTable<K> {
     {
         let mut guard = self.0.shard(key).lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *guard;
-        let result = if let Some(tat) = shard.peers.get_mut(key) {
+        let result = if let Some(&at) = shard.index.get(key) {
+            let tat = &mut shard.slots[at].1;
             f(Some(Nanos::new(*tat))).map(|(t, next)| {
                 *tat = next.as_u64();
                 t
             })
+        } else if shard.slots.len() < shard.capacity {
+            f(None).map(|(t, next)| {
+                shard.index.insert(key.clone(), shard.slots.len());
+                shard.slots.push((key.clone(), next.as_u64()));
+                t
+            })
         } else {
-            if shard.peers.len() >= shard.capacity {
-                evict_idle(shard, Nanos::from(self.0.clock.elapsed()).as_u64());
-            }
-            if shard.peers.len() < shard.capacity {
-                f(None).map(|(t, next)| {
-                    shard.peers.insert(key.clone(), next.as_u64());
+            let now = Nanos::from(self.0.clock.elapsed()).as_u64();
+            match shard.idle_slot(now) {
+                Some(at) => f(None).map(|(t, next)| {
+                    shard.replace(at, key, next.as_u64());
                     t
-                })
-            } else {
-                f(shard.overflow.map(Nanos::new)).map(|(t, next)| {
+                }),
+                None => f(shard.overflow.map(Nanos::new)).map(|(t, next)| {
                     shard.overflow = Some(next.as_u64());
                     t
-                })
+                }),
             }
         };
         match result {
