@@ -1,8 +1,9 @@
 //! Per-peer sessions: each peer gets its own counter, kept between its
 //! datagrams. `reset` ends the session; a peer quiet for `--idle-secs` is
 //! forgotten. Try: `nc -u 127.0.0.1 4001`, then type lines.
-use abyss::session::{Session, SessionContext, Sessions, Step};
-use abyss::{Request, Server};
+use abyss::Server;
+use abyss::session::Sessions;
+use abyss_examples::counting::{Counter, log_forgotten};
 use clap::Parser;
 use std::time::Duration;
 
@@ -26,23 +27,6 @@ struct Args {
     max_sessions_per_source: Option<usize>,
 }
 
-struct Counter(u64);
-
-impl Session for Counter {
-    async fn handle(&mut self, request: Request) -> Step {
-        if request.payload().trim_ascii() == b"reset" {
-            return Step::close().reply("reset\n");
-        }
-        self.0 += 1;
-        Step::keep().reply(format!("{}\n", self.0))
-    }
-
-    async fn on_idle(&mut self, context: &SessionContext) -> Step {
-        tracing::info!(peer = %context.peer(), count = self.0, "forgetting a quiet peer");
-        Step::close()
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     abyss_examples::init_tracing();
@@ -52,7 +36,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Listen for Ctrl-C and SIGTERM before saying we are ready.
     let stop = abyss::shutdown_signal();
-    let mut sessions = Sessions::builder(|_peer| Counter(0))
+    let mut sessions = Sessions::builder(|_peer| Counter::default())
         .idle_timeout(Duration::from_secs(args.idle_secs))
         .max_sessions(args.max_sessions);
     if let Some(share) = args.max_sessions_per_source {
@@ -65,7 +49,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .serve(sessions.service())
         .await?;
     println!("listening on {}", handle.local_addr());
+    // One line per 10 s at most says how many quiet peers were forgotten.
+    let summary = tokio::spawn(log_forgotten(sessions.clone(), Duration::from_secs(10)));
     let report = handle.shutdown_on(stop).await;
+    summary.abort();
     println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the example programs: logging set-up from `RUST_LOG`,
 //! the shutdown signal, and the one-line stats summary.
 
+pub mod counting;
 pub mod dhcp;
 pub mod dns;
 pub mod mdns;

@@ -231,3 +231,74 @@ async fn drops_are_explained_at_the_default_level_once_per_reason_not_once_per_d
         warnings.len()
     );
 }
+
+/// Counts INFO events, and keeps the `forgotten` field of the summaries.
+#[derive(Clone, Default)]
+struct Infos {
+    count: Arc<Mutex<usize>>,
+    forgotten: Arc<Mutex<Vec<u64>>>,
+}
+
+struct Forgotten(Option<u64>);
+
+impl Visit for Forgotten {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "forgotten" {
+            self.0 = Some(value);
+        }
+    }
+
+    fn record_debug(&mut self, _field: &Field, _value: &dyn std::fmt::Debug) {}
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Infos {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        if *event.metadata().level() != tracing::Level::INFO {
+            return;
+        }
+        *self.count.lock().unwrap() += 1;
+        let mut forgotten = Forgotten(None);
+        event.record(&mut forgotten);
+        if let Some(n) = forgotten.0 {
+            self.forgotten.lock().unwrap().push(n);
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn quiet_peers_forgotten_by_the_thousand_make_one_info_line() {
+    use abyss::session::Sessions;
+    use abyss_examples::counting::{Counter, log_forgotten};
+    use std::time::Duration;
+    use tower::{Service, ServiceExt};
+
+    let infos = Infos::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(infos.clone()));
+    let sessions = Sessions::builder(|_peer| Counter::default())
+        .idle_timeout(Duration::from_secs(60))
+        .max_sessions_per_source(10_000)
+        .build()
+        .unwrap();
+    let summary = tokio::spawn(log_forgotten(sessions.clone(), Duration::from_secs(10)));
+    let mut service = sessions.service();
+    for port in 1..=2_000u16 {
+        let request = abyss::Request::new(
+            std::net::SocketAddr::from(([192, 0, 2, 1], port)),
+            "192.0.2.53:53".parse().unwrap(),
+            bytes::Bytes::from_static(b"hi"),
+            abyss::SendHandle::detached(),
+        );
+        service.ready().await.unwrap().call(request).await.unwrap();
+    }
+    // All idle out together, then two summary periods pass.
+    tokio::time::sleep(Duration::from_secs(80)).await;
+    assert_eq!(sessions.stats().timed_out, 2_000);
+    summary.abort();
+    assert_eq!(
+        *infos.forgotten.lock().unwrap(),
+        [2_000],
+        "one summary line for all"
+    );
+    assert_eq!(*infos.count.lock().unwrap(), 1, "and no INFO line per peer");
+}
