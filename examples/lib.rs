@@ -46,6 +46,7 @@ pub fn stats_line(stats: &Stats) -> String {
         ("overloaded", d.overloaded),
         ("denied", d.denied),
         ("amplification", d.amplification),
+        ("over_budget", d.over_budget),
         ("handler_error", d.handler_error),
         ("panicked", d.panicked),
         ("refused_destination", d.refused_destination),

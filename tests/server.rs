@@ -968,3 +968,35 @@ async fn heavy_handlers_of_one_peer_run_on_every_worker_and_cheap_ones_stay_inli
         handle.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn peers_of_one_network_share_its_prefix_rate_limit() {
+    let handle = Server::bind("0.0.0.0:0")
+        .rate_limit(abyss::middleware::RateQuota::new(
+            10,
+            Duration::from_secs(60),
+        ))
+        // Two datagrams a minute for each /24.
+        .prefix_rate_limit(abyss::middleware::RateQuota::new(
+            2,
+            Duration::from_secs(60),
+        ))
+        .serve(echo())
+        .await
+        .unwrap();
+    let server = SocketAddr::from((Ipv4Addr::LOCALHOST, handle.local_addr().port()));
+    let (a, b) = (client_on("127.0.0.1").await, client_on("127.0.0.2").await);
+    assert_eq!(ask(&a, server, b"one").await, b"one");
+    assert_eq!(ask(&b, server, b"two").await, b"two");
+    // Each peer is within its own quota, but their /24 has spent its own.
+    b.send_to(b"three", server).await.unwrap();
+    let stats = abyss_tests::wait_for_stats(&handle, "the third datagram dropped", |s| {
+        s.dropped.rate_limited == 1
+    })
+    .await;
+    assert_eq!(stats.replied, 2);
+    // Another network is not held back.
+    let other = client_on("127.1.0.1").await;
+    assert_eq!(ask(&other, server, b"four").await, b"four");
+    handle.shutdown().await;
+}

@@ -28,6 +28,9 @@ pub enum DropReason {
     /// The reply was more than the amplification limit allows for a peer
     /// not yet validated.
     Amplification,
+    /// The reply was over the server's budget of replies or reply bytes
+    /// per second ([`ReplyBudget`](crate::ReplyBudget)).
+    OverBudget,
 }
 
 impl DropReason {
@@ -48,6 +51,7 @@ impl DropReason {
             DropReason::Overloaded => "overloaded",
             DropReason::Denied => "denied",
             DropReason::Amplification => "amplification",
+            DropReason::OverBudget => "over_budget",
         }
     }
 }
@@ -81,6 +85,7 @@ impl DropReason {
             DropReason::Overloaded => Box::new(tower::load_shed::error::Overloaded::new()),
             DropReason::Denied => Box::new(error::Denied),
             DropReason::Amplification => Box::new(error::AmplificationLimited),
+            DropReason::OverBudget => Box::new(error::OverBudget),
         }
     }
 }
@@ -227,6 +232,7 @@ mod tests {
             DropReason::Overloaded,
             DropReason::Denied,
             DropReason::Amplification,
+            DropReason::OverBudget,
         ] {
             let error = reason.into_error();
             assert_eq!(drop_reason(&*error), Some(reason));

@@ -105,4 +105,17 @@ drop_errors! {
     /// assert_eq!(error.to_string(), "datagram dropped: amplification");
     /// ```
     AmplificationLimited => Amplification, "datagram dropped: amplification";
+    /// The reply was over the server's reply budget.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::error::OverBudget;
+    /// use abyss_middleware::DropReason;
+    ///
+    /// let error = DropReason::OverBudget.into_error();
+    /// assert!(error.is::<OverBudget>());
+    /// assert_eq!(error.to_string(), "datagram dropped: over_budget");
+    /// ```
+    OverBudget => OverBudget, "datagram dropped: over_budget";
 }

@@ -56,6 +56,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod amplification;
+pub mod budget;
 pub mod concurrency;
 mod drop;
 pub mod error;
@@ -69,6 +70,7 @@ mod datagram;
 mod future;
 
 pub use amplification::{AmplificationGuardLayer, Validate};
+pub use budget::{BudgetStats, ReplyBudget, ReplyBudgetBuilder, ReplyBudgetLayer};
 pub use concurrency::ConcurrencyShedLayer;
 pub use datagram::Datagram;
 pub use drop::{DropReason, Dropped, drop_reason};

@@ -498,3 +498,61 @@ async fn a_new_peer_takes_an_idle_peers_place_and_every_peer_keeps_its_own_state
     assert!(!limiter.check(peer(201)), "the overflow allowance is spent");
     assert_eq!(limiter.stats().tracked_peers, 8);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_budget_withholds_replies_over_it_and_spares_exempt_peers() {
+    use abyss_middleware::{DropReason, ReplyBudget, drop_reason};
+
+    let budget = ReplyBudget::builder()
+        .replies_per_second(3)
+        .bytes_per_second(100)
+        .exempt(|peer: SocketAddr| peer.port() == 53)
+        .build()
+        .unwrap();
+    // Replies with the size asked for in the payload length; 0 means none.
+    let mut service = tower::ServiceBuilder::new()
+        .layer(budget.layer())
+        .service_fn(|packet: Packet| async move {
+            Ok::<_, BoxError>((packet.len > 0).then(|| vec![0u8; packet.len]))
+        });
+    let mut ask = async |peer: &str, len: usize| {
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(Packet::from(peer, len))
+            .await
+            .map_err(|e| drop_reason(&*e))
+    };
+    // Three replies a second; no reply spends nothing.
+    for _ in 0..3 {
+        assert!(ask("192.0.2.1:1000", 10).await.is_ok());
+    }
+    assert!(ask("192.0.2.1:1000", 0).await.is_ok());
+    assert_eq!(
+        ask("192.0.2.2:1000", 10).await,
+        Err(Some(DropReason::OverBudget))
+    );
+    // An exempt peer is answered regardless, and spends nothing.
+    for _ in 0..10 {
+        assert!(ask("192.0.2.3:53", 1000).await.is_ok());
+    }
+    // A second refills it; a reply over the bytes budget is withheld.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        ask("192.0.2.1:1000", 101).await,
+        Err(Some(DropReason::OverBudget))
+    );
+    assert!(ask("192.0.2.1:1000", 100).await.is_ok());
+    assert_eq!(
+        ask("192.0.2.1:1000", 1).await,
+        Err(Some(DropReason::OverBudget)),
+        "the bytes are spent"
+    );
+    let stats = budget.stats();
+    assert_eq!(
+        (stats.sent, stats.exempted, stats.over_budget),
+        (4, 10, 3),
+        "{stats:?}"
+    );
+}

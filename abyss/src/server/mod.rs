@@ -19,7 +19,7 @@ pub use handle::{DrainReport, ServerHandle, ServerState};
 pub use stats::{Drops, Stats};
 
 use crate::middleware::{
-    ConcurrencyShedLayer, PeerRateLimiter, RateQuota, SizeLimitLayer, TraceLayer,
+    ConcurrencyShedLayer, PeerRateLimiter, RateQuota, ReplyBudget, SizeLimitLayer, TraceLayer,
 };
 use crate::transport::{Bind, Transport, UdpOptions};
 use crate::{Error, IntoReply, Request};
@@ -201,6 +201,8 @@ impl Server {
         let layered = config.trace
             || config.max_packet_size.is_some()
             || config.rate_limiter.is_some()
+            || config.prefix_rate_limiter.is_some()
+            || config.reply_budget.is_some()
             || config.concurrency_shed.is_some()
             || config.timeout.is_some();
         let spawn = if layered {
@@ -211,6 +213,13 @@ impl Server {
                     .option_layer(config.trace.then(TraceLayer::new))
                     .option_layer(config.max_packet_size.map(SizeLimitLayer::new))
                     .option_layer(config.rate_limiter.as_ref().map(PeerRateLimiter::layer))
+                    .option_layer(
+                        config
+                            .prefix_rate_limiter
+                            .as_ref()
+                            .map(PeerRateLimiter::layer),
+                    )
+                    .option_layer(config.reply_budget.as_ref().map(ReplyBudget::layer))
                     .option_layer(config.concurrency_shed.map(ConcurrencyShedLayer::new))
                     .option_layer(config.timeout.map(TimeoutLayer::new))
                     // Every layer fails with BoxError: make the service's
@@ -341,6 +350,8 @@ struct LayerOptions {
     trace: bool,
     max_packet_size: Option<usize>,
     rate_limit: Option<RateLimitOption>,
+    prefix_rate_limit: Option<RateLimitOption>,
+    reply_budget: Option<ReplyBudget>,
     concurrency_shed: Option<usize>,
     timeout: Option<Duration>,
 }
@@ -409,6 +420,8 @@ impl Builder {
                 trace: false,
                 max_packet_size: Some(DEFAULT_MAX_PACKET_SIZE),
                 rate_limit: None,
+                prefix_rate_limit: None,
+                reply_budget: None,
                 concurrency_shed: None,
                 timeout: None,
             },
@@ -850,6 +863,106 @@ impl Builder {
         self
     }
 
+    /// Limits each network to `quota`, besides each peer: IPv4 /24 and
+    /// IPv6 /56 (the prefixes DNS servers use for response rate limiting),
+    /// at most 65 536 tracked. A flood spread over the addresses of one
+    /// network is then capped as a whole; over it, datagrams are dropped
+    /// and counted as [`Drops::rate_limited`]. For other prefixes, give
+    /// [`rate_limiter`](Builder::rate_limiter)-style a limiter you built
+    /// with [`PeerRateLimiterBuilder::prefixes`](crate::middleware::PeerRateLimiterBuilder::prefixes)
+    /// to [`prefix_rate_limiter`](Builder::prefix_rate_limiter). Off by
+    /// default.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::middleware::RateQuota;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .rate_limit(RateQuota::per_second(100)) // each peer
+    ///     .prefix_rate_limit(RateQuota::per_second(1_000)) // each /24 or /56
+    ///     .serve(echo)
+    ///     .await?;
+    /// # handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn prefix_rate_limit(mut self, quota: RateQuota) -> Self {
+        self.layers.prefix_rate_limit = Some(RateLimitOption::Quota(quota));
+        self
+    }
+
+    /// Like [`prefix_rate_limit`](Builder::prefix_rate_limit), with a
+    /// limiter you built (keyed as you chose).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::middleware::{PeerRateLimiter, RateQuota};
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Each IPv4 /16 and IPv6 /48.
+    /// let networks = PeerRateLimiter::builder(RateQuota::per_second(5_000))
+    ///     .prefixes(16, 48)
+    ///     .build()?;
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .prefix_rate_limiter(networks)
+    ///     .serve(echo)
+    ///     .await?;
+    /// # handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn prefix_rate_limiter(mut self, limiter: PeerRateLimiter) -> Self {
+        self.layers.prefix_rate_limit = Some(RateLimitOption::Limiter(limiter));
+        self
+    }
+
+    /// Caps the replies the whole server sends per second, and their
+    /// bytes, whatever their sources: a flood spread over many (spoofed)
+    /// sources, each under its own quota, is capped in total. Replies over
+    /// it are not sent, counted as [`Drops::over_budget`]. Peers the
+    /// budget's [`exempt`](crate::middleware::ReplyBudgetBuilder::exempt)
+    /// hook vouches for are neither limited nor counted. Give the same
+    /// budget to several servers to cap them together. Off by default.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::middleware::ReplyBudget;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let budget = ReplyBudget::builder()
+    ///     .replies_per_second(10_000)
+    ///     .bytes_per_second(5_000_000)
+    ///     .exempt(|peer: std::net::SocketAddr| peer.ip().is_loopback())
+    ///     .build()?;
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::bind("127.0.0.1:0")
+    ///     .reply_budget(budget.clone())
+    ///     .serve(echo)
+    ///     .await?;
+    /// # handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reply_budget(mut self, budget: ReplyBudget) -> Self {
+        self.layers.reply_budget = Some(budget);
+        self
+    }
+
     /// Fails requests that take longer than `timeout` to handle: no reply,
     /// counted as [`Drops::timed_out`]. Shortcut for tower's
     /// [`TimeoutLayer`](tower::timeout::TimeoutLayer). Off by default: a
@@ -1086,6 +1199,18 @@ impl Builder {
                     .map_err(|e| Error::config("rate_limit", e.qualified_reason("rate_limit")))?,
             ),
         };
+        let prefix_rate_limiter = match &self.layers.prefix_rate_limit {
+            None => None,
+            Some(RateLimitOption::Limiter(limiter)) => Some(limiter.clone()),
+            Some(RateLimitOption::Quota(quota)) => Some(
+                PeerRateLimiter::builder(*quota)
+                    .prefixes(24, 56)
+                    .build()
+                    .map_err(|e| {
+                        Error::config("prefix_rate_limit", e.qualified_reason("prefix_rate_limit"))
+                    })?,
+            ),
+        };
         Ok(Config {
             addr,
             name: self.name.clone(),
@@ -1096,6 +1221,8 @@ impl Builder {
             dispatch: self.dispatch,
             bind,
             rate_limiter,
+            prefix_rate_limiter,
+            reply_budget: self.layers.reply_budget.clone(),
             trace: self.layers.trace,
             max_packet_size: self.layers.max_packet_size,
             concurrency_shed: self.layers.concurrency_shed,
@@ -1195,6 +1322,8 @@ pub(crate) struct Config {
     pub(crate) dispatch: Dispatch,
     pub(crate) bind: Arc<dyn Bind>,
     pub(crate) rate_limiter: Option<PeerRateLimiter>,
+    prefix_rate_limiter: Option<PeerRateLimiter>,
+    reply_budget: Option<ReplyBudget>,
     trace: bool,
     max_packet_size: Option<usize>,
     concurrency_shed: Option<usize>,

@@ -61,7 +61,7 @@ use crate::middleware::DropReason;
 /// | `abyss_datagrams_received_total` | counter | `received` |
 /// | `abyss_received_bytes_total` | counter, bytes | `bytes_received` |
 /// | `abyss_sent_bytes_total` | counter, bytes | `bytes_sent` |
-/// | `abyss_datagrams_total{outcome}` | counter | `replied`, `no_reply` and each reason of `dropped` (`truncated`, `too_large`, `rate_limited`, `timed_out`, `overloaded`, `amplification`, `denied`, `handler_error`, `panicked`, `refused_destination`, `send_failed`, `aborted`) |
+/// | `abyss_datagrams_total{outcome}` | counter | `replied`, `no_reply` and each reason of `dropped` (`truncated`, `too_large`, `rate_limited`, `timed_out`, `overloaded`, `amplification`, `over_budget`, `denied`, `handler_error`, `panicked`, `refused_destination`, `send_failed`, `aborted`) |
 /// | `abyss_in_flight` | gauge | `in_flight` |
 /// | `abyss_receive_errors_total` | counter | `receive_errors` |
 /// | `abyss_reads_paused_total` | counter | `reads_paused` |
@@ -189,6 +189,7 @@ impl Stats {
                 overloaded: f(d.overloaded, o.overloaded),
                 denied: f(d.denied, o.denied),
                 amplification: f(d.amplification, o.amplification),
+                over_budget: f(d.over_budget, o.over_budget),
             },
             in_flight: f(self.in_flight, other.in_flight),
             receive_errors: f(self.receive_errors, other.receive_errors),
@@ -220,6 +221,7 @@ impl Stats {
             &mut d.timed_out,
             &mut d.overloaded,
             &mut d.amplification,
+            &mut d.over_budget,
             &mut d.denied,
         ]
     }
@@ -281,6 +283,9 @@ pub struct Drops {
     pub denied: u64,
     /// A reply over the amplification limit for an unvalidated peer.
     pub amplification: u64,
+    /// A reply over the server's reply budget
+    /// ([`Builder::reply_budget`](crate::Builder::reply_budget)).
+    pub over_budget: u64,
 }
 
 impl Drops {
@@ -307,6 +312,7 @@ impl Drops {
             + self.overloaded
             + self.denied
             + self.amplification
+            + self.over_budget
     }
 }
 
@@ -326,7 +332,7 @@ pub(crate) enum Outcome {
 
 impl Outcome {
     /// How many outcomes are counted apart.
-    pub(crate) const COUNT: usize = 14;
+    pub(crate) const COUNT: usize = 15;
 
     /// Names of the counted outcomes, by [`Outcome::index`].
     pub(crate) const NAMES: [&'static str; Self::COUNT] = [
@@ -343,6 +349,7 @@ impl Outcome {
         "timed_out",
         "overloaded",
         "amplification",
+        "over_budget",
         "denied",
     ];
 
@@ -362,6 +369,7 @@ impl Outcome {
         Outcome::Layer(DropReason::TimedOut),
         Outcome::Layer(DropReason::Overloaded),
         Outcome::Layer(DropReason::Amplification),
+        Outcome::Layer(DropReason::OverBudget),
         Outcome::Layer(DropReason::Denied),
     ];
 
@@ -382,7 +390,8 @@ impl Outcome {
             Outcome::Layer(DropReason::TimedOut) => 10,
             Outcome::Layer(DropReason::Overloaded) => 11,
             Outcome::Layer(DropReason::Amplification) => 12,
-            Outcome::Layer(_) => 13,
+            Outcome::Layer(DropReason::OverBudget) => 13,
+            Outcome::Layer(_) => 14,
         }
     }
 
@@ -632,6 +641,7 @@ mod tests {
             DropReason::TimedOut,
             DropReason::Overloaded,
             DropReason::Amplification,
+            DropReason::OverBudget,
             DropReason::Denied,
         ] {
             assert_eq!(
@@ -670,9 +680,10 @@ mod tests {
                 d.timed_out,
                 d.overloaded,
                 d.amplification,
+                d.over_budget,
                 d.denied
             ],
-            [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+            [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
         );
         assert_eq!(stats.in_flight, 0);
     }

@@ -133,6 +133,10 @@ fn hint(outcome: Outcome) -> Option<(bool, &'static str)> {
             false,
             "the reply was over the amplification limit for a peer not yet validated",
         ),
+        Outcome::Layer(DropReason::OverBudget) => (
+            false,
+            "the reply was over the server's reply budget (Builder::reply_budget)",
+        ),
         Outcome::Layer(_) => (false, "refused by a policy layer"),
         Outcome::Replied
         | Outcome::NoReply

@@ -1,0 +1,528 @@
+//! A budget for a whole server's replies: at most so many replies, and so
+//! many reply bytes, per second, whatever their sources.
+//!
+//! A per-peer rate limit cannot see a flood spread over many sources: with
+//! spoofed addresses, each source stays under its own quota and every
+//! datagram is answered, so the server reflects as much as it is sent. A
+//! [`ReplyBudget`] caps the total. A reply over it is not sent; the datagram
+//! fails with [`error::OverBudget`](crate::error::OverBudget)
+//! ([`DropReason::OverBudget`]) and the server counts it as `over_budget`.
+//!
+//! Peers that [`Validate`] vouches for (those that proved they own their
+//! address: a handshake, a DNS cookie, an allow list) are exempt, so a
+//! flood spoofing other sources cannot crowd them out. Their replies are
+//! not counted against the budget either.
+//!
+//! Each budget refills continuously (a GCRA from the [`governor`] crate)
+//! and holds at most one second of it, so a quiet second cannot be saved up
+//! for a burst of more than one second's replies.
+//!
+//! # Example
+//!
+//! ```
+//! use abyss_middleware::ReplyBudget;
+//! use std::net::SocketAddr;
+//!
+//! let trusted: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+//! let budget = ReplyBudget::builder()
+//!     .replies_per_second(10_000)
+//!     .bytes_per_second(10_000_000)
+//!     .exempt(move |peer: SocketAddr| peer.ip() == trusted)
+//!     .build()?;
+//! let layer = budget.layer(); // after the service: it sees the replies
+//! # let _ = layer;
+//! # Ok::<(), abyss_middleware::RateLimitError>(())
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use pin_project_lite::pin_project;
+use tower::{BoxError, Layer, Service};
+
+use crate::targets::LISTENER;
+use crate::{Datagram, DropReason, IntoReply, RateLimitError, Validate};
+
+/// Tokio's clock (so paused test time applies), as time since a base.
+#[derive(Debug, Clone)]
+struct TokioClock {
+    base: tokio::time::Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.base)
+    }
+}
+
+type Direct = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+/// A budget of replies per second for a whole server; see the [module
+/// docs](self).
+///
+/// Cheap to clone: clones share the budget and its counters, so one budget
+/// given to several servers caps them together.
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::ReplyBudget;
+///
+/// let budget = ReplyBudget::builder().replies_per_second(2).build()?;
+/// let peer = "192.0.2.1:5000".parse().unwrap();
+/// assert!(budget.spend(peer, 100));
+/// assert!(budget.spend(peer, 100));
+/// assert!(!budget.spend(peer, 100), "the second's two replies are spent");
+/// assert_eq!(budget.stats().over_budget, 1);
+/// # Ok::<(), abyss_middleware::RateLimitError>(())
+/// ```
+#[derive(Clone)]
+pub struct ReplyBudget {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    replies: Option<(u32, Direct)>,
+    bytes: Option<(u32, Direct)>,
+    exempt: Option<Box<dyn Validate>>,
+    sent: AtomicU64,
+    exempted: AtomicU64,
+    over_budget: AtomicU64,
+}
+
+impl fmt::Debug for ReplyBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyBudget")
+            .field(
+                "replies_per_second",
+                &self.shared.replies.as_ref().map(|r| r.0),
+            )
+            .field("bytes_per_second", &self.shared.bytes.as_ref().map(|b| b.0))
+            .field("exempt", &self.shared.exempt.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of a [`ReplyBudget`].
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::ReplyBudget;
+///
+/// let budget = ReplyBudget::builder().replies_per_second(100).build()?;
+/// assert_eq!(budget.stats(), Default::default());
+/// # Ok::<(), abyss_middleware::RateLimitError>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetStats {
+    /// Replies let through within the budget.
+    pub sent: u64,
+    /// Replies to exempt peers, let through uncounted.
+    pub exempted: u64,
+    /// Replies withheld: over the budget.
+    pub over_budget: u64,
+}
+
+/// Options of a [`ReplyBudget`]; from [`ReplyBudget::builder`].
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::ReplyBudget;
+///
+/// let budget = ReplyBudget::builder()
+///     .replies_per_second(50_000)
+///     .bytes_per_second(40_000_000)
+///     .build()?;
+/// # let _ = budget;
+/// # Ok::<(), abyss_middleware::RateLimitError>(())
+/// ```
+#[derive(Default)]
+pub struct ReplyBudgetBuilder {
+    replies: Option<u32>,
+    bytes: Option<u32>,
+    exempt: Option<Box<dyn Validate>>,
+}
+
+impl fmt::Debug for ReplyBudgetBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyBudgetBuilder")
+            .field("replies_per_second", &self.replies)
+            .field("bytes_per_second", &self.bytes)
+            .field("exempt", &self.exempt.is_some())
+            .finish()
+    }
+}
+
+impl ReplyBudget {
+    /// Options for a budget; set at least one of replies or bytes.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ReplyBudget;
+    ///
+    /// let error = ReplyBudget::builder().build().unwrap_err();
+    /// assert_eq!(error.field, "replies_per_second");
+    /// ```
+    pub fn builder() -> ReplyBudgetBuilder {
+        ReplyBudgetBuilder::default()
+    }
+
+    /// The layer that withholds replies over this budget. Put it after the
+    /// handler's layers that make replies, and before the ones that only
+    /// look at requests, or anywhere: it acts on the reply when the inner
+    /// service's future resolves.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ReplyBudget;
+    /// use tower::ServiceBuilder;
+    /// # #[derive(Debug)] struct Req;
+    /// # impl abyss_middleware::Datagram for Req {
+    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+    /// #     fn payload_len(&self) -> usize { 0 }
+    /// # }
+    ///
+    /// let budget = ReplyBudget::builder().replies_per_second(1000).build()?;
+    /// let service = ServiceBuilder::new()
+    ///     .layer(budget.layer())
+    ///     .service_fn(|_: Req| async { Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(b"hi")) });
+    /// # let _ = service;
+    /// # Ok::<(), abyss_middleware::RateLimitError>(())
+    /// ```
+    pub fn layer(&self) -> ReplyBudgetLayer {
+        ReplyBudgetLayer {
+            budget: self.clone(),
+        }
+    }
+
+    /// Spends the budget for a reply of `bytes` to `peer`: whether it may
+    /// be sent. Exempt peers always may, and spend nothing.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ReplyBudget;
+    ///
+    /// let budget = ReplyBudget::builder().bytes_per_second(1000).build()?;
+    /// let peer = "192.0.2.1:5000".parse().unwrap();
+    /// assert!(budget.spend(peer, 600));
+    /// assert!(!budget.spend(peer, 600), "400 bytes left this second");
+    /// assert!(budget.spend(peer, 400));
+    /// # Ok::<(), abyss_middleware::RateLimitError>(())
+    /// ```
+    pub fn spend(&self, peer: SocketAddr, bytes: usize) -> bool {
+        let shared = &*self.shared;
+        if shared.exempt.as_ref().is_some_and(|v| v.is_validated(peer)) {
+            shared.exempted.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        let bytes_fit = match &shared.bytes {
+            None => true,
+            Some((_, limiter)) => {
+                let cells = u32::try_from(bytes).unwrap_or(u32::MAX);
+                match NonZeroU32::new(cells) {
+                    None => true,
+                    Some(cells) => matches!(limiter.check_n(cells), Ok(Ok(()))),
+                }
+            }
+        };
+        let fits = bytes_fit
+            && shared
+                .replies
+                .as_ref()
+                .is_none_or(|(_, limiter)| limiter.check().is_ok());
+        let counter = if fits {
+            &shared.sent
+        } else {
+            &shared.over_budget
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        fits
+    }
+
+    /// The counters.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ReplyBudget;
+    ///
+    /// let budget = ReplyBudget::builder()
+    ///     .replies_per_second(1)
+    ///     .exempt(|peer: std::net::SocketAddr| peer.ip().is_loopback())
+    ///     .build()?;
+    /// budget.spend("192.0.2.1:1".parse().unwrap(), 10);
+    /// budget.spend("192.0.2.1:1".parse().unwrap(), 10);
+    /// budget.spend("127.0.0.1:1".parse().unwrap(), 10);
+    /// let stats = budget.stats();
+    /// assert_eq!((stats.sent, stats.over_budget, stats.exempted), (1, 1, 1));
+    /// # Ok::<(), abyss_middleware::RateLimitError>(())
+    /// ```
+    pub fn stats(&self) -> BudgetStats {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        BudgetStats {
+            sent: load(&self.shared.sent),
+            exempted: load(&self.shared.exempted),
+            over_budget: load(&self.shared.over_budget),
+        }
+    }
+}
+
+impl ReplyBudgetBuilder {
+    /// Replies per second at most, to peers that are not exempt.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ReplyBudget;
+    ///
+    /// let budget = ReplyBudget::builder().replies_per_second(10_000).build()?;
+    /// # let _ = budget;
+    /// let error = ReplyBudget::builder().replies_per_second(0).build().unwrap_err();
+    /// assert_eq!(error.field, "replies_per_second");
+    /// # Ok::<(), abyss_middleware::RateLimitError>(())
+    /// ```
+    pub fn replies_per_second(mut self, replies: u32) -> Self {
+        self.replies = Some(replies);
+        self
+    }
+
+    /// Reply bytes (UDP payload) per second at most, to peers that are not
+    /// exempt. A reply larger than a second's budget is never sent.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ReplyBudget;
+    ///
+    /// let budget = ReplyBudget::builder().bytes_per_second(8_000_000).build()?;
+    /// # let _ = budget;
+    /// # Ok::<(), abyss_middleware::RateLimitError>(())
+    /// ```
+    pub fn bytes_per_second(mut self, bytes: u32) -> Self {
+        self.bytes = Some(bytes);
+        self
+    }
+
+    /// Peers whose replies are neither limited nor counted: those `exempt`
+    /// vouches for (the same hook as
+    /// [`AmplificationGuardLayer::validated_by`](crate::AmplificationGuardLayer::validated_by)).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use abyss_middleware::ReplyBudget;
+    ///
+    /// let budget = ReplyBudget::builder()
+    ///     .replies_per_second(1)
+    ///     .exempt(|peer: SocketAddr| peer.ip().is_loopback())
+    ///     .build()?;
+    /// let local = "127.0.0.1:5000".parse().unwrap();
+    /// assert!((0..100).all(|_| budget.spend(local, 64)));
+    /// # Ok::<(), abyss_middleware::RateLimitError>(())
+    /// ```
+    pub fn exempt(mut self, exempt: impl Validate) -> Self {
+        self.exempt = Some(Box::new(exempt));
+        self
+    }
+
+    /// Checks the options. Fails, naming the field, when neither budget is
+    /// set or one is zero.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ReplyBudget;
+    ///
+    /// let error = ReplyBudget::builder().bytes_per_second(0).build().unwrap_err();
+    /// assert_eq!(error.field, "bytes_per_second");
+    /// ```
+    pub fn build(self) -> Result<ReplyBudget, RateLimitError> {
+        if self.replies.is_none() && self.bytes.is_none() {
+            return Err(RateLimitError::new(
+                "replies_per_second",
+                "set replies_per_second, bytes_per_second or both",
+            ));
+        }
+        let clock = TokioClock {
+            base: tokio::time::Instant::now(),
+        };
+        let direct = |field: &'static str, per_second: Option<u32>| {
+            per_second
+                .map(|n| {
+                    let n = NonZeroU32::new(n)
+                        .ok_or_else(|| RateLimitError::new(field, "must be at least 1"))?;
+                    let quota = governor::Quota::per_second(n);
+                    Ok((
+                        n.get(),
+                        governor::RateLimiter::direct_with_clock(quota, clock.clone()),
+                    ))
+                })
+                .transpose()
+        };
+        Ok(ReplyBudget {
+            shared: Arc::new(Shared {
+                replies: direct("replies_per_second", self.replies)?,
+                bytes: direct("bytes_per_second", self.bytes)?,
+                exempt: self.exempt,
+                sent: AtomicU64::new(0),
+                exempted: AtomicU64::new(0),
+                over_budget: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+/// Applies a [`ReplyBudget`]; from [`ReplyBudget::layer`].
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::ReplyBudget;
+/// use tower::Layer;
+///
+/// let budget = ReplyBudget::builder().replies_per_second(100).build()?;
+/// let service = budget.layer().layer(tower::service_fn(|_: ()| async {
+///     Ok::<_, std::convert::Infallible>(())
+/// }));
+/// # let _ = service;
+/// # Ok::<(), abyss_middleware::RateLimitError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ReplyBudgetLayer {
+    budget: ReplyBudget,
+}
+
+impl<S> Layer<S> for ReplyBudgetLayer {
+    type Service = ReplyBudgetService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ReplyBudgetService {
+            inner,
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+/// A service whose replies spend a [`ReplyBudget`]; from
+/// [`ReplyBudgetLayer`].
+///
+/// # Example
+///
+/// ```
+/// use abyss_middleware::ReplyBudget;
+/// use abyss_middleware::budget::ReplyBudgetService;
+/// use tower::Layer;
+///
+/// let budget = ReplyBudget::builder().replies_per_second(100).build()?;
+/// let inner = tower::service_fn(|_: ()| async { Ok::<_, std::convert::Infallible>(()) });
+/// let service: ReplyBudgetService<_> = budget.layer().layer(inner);
+/// # let _ = service;
+/// # Ok::<(), abyss_middleware::RateLimitError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ReplyBudgetService<S> {
+    inner: S,
+    budget: ReplyBudget,
+}
+
+impl<S, R> Service<R> for ReplyBudgetService<S>
+where
+    S: Service<R>,
+    S::Response: IntoReply,
+    S::Error: Into<BoxError>,
+    R: Datagram,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let peer = request.peer();
+        ResponseFuture {
+            inner: self.inner.call(request),
+            budget: self.budget.clone(),
+            peer,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`ReplyBudgetService`]: the inner service's
+    /// response, or [`DropReason::OverBudget`]'s error when the reply is
+    /// over the budget.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::ReplyBudget;
+    /// use abyss_middleware::budget::ResponseFuture;
+    /// use tower::{Layer, Service};
+    /// # #[derive(Debug)] struct Req;
+    /// # impl abyss_middleware::Datagram for Req {
+    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
+    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
+    /// #     fn payload_len(&self) -> usize { 0 }
+    /// # }
+    ///
+    /// type Inner = std::future::Ready<Result<Vec<u8>, std::convert::Infallible>>;
+    /// let budget = ReplyBudget::builder().replies_per_second(100).build()?;
+    /// let mut service = budget
+    ///     .layer()
+    ///     .layer(tower::service_fn(|_: Req| std::future::ready(Ok(Vec::new()))));
+    /// let future: ResponseFuture<Inner> = service.call(Req);
+    /// # let _ = future;
+    /// # Ok::<(), abyss_middleware::RateLimitError>(())
+    /// ```
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        budget: ReplyBudget,
+        peer: SocketAddr,
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    T: IntoReply,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx)).map_err(Into::into)?;
+        // No reply (or an empty one) spends nothing.
+        let size = response.reply_len();
+        if size > 0 && !this.budget.spend(*this.peer, size) {
+            tracing::debug!(target: LISTENER, peer = %this.peer, size, "over_budget");
+            return Poll::Ready(Err(DropReason::OverBudget.into_error()));
+        }
+        Poll::Ready(Ok(response))
+    }
+}
