@@ -63,6 +63,7 @@ pub mod error;
 pub mod filter;
 pub mod rate_limit;
 mod reply;
+pub mod rrl;
 pub mod size_limit;
 pub mod trace;
 

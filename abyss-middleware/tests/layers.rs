@@ -556,3 +556,103 @@ async fn a_reply_budget_withholds_replies_over_it_and_spares_exempt_peers() {
         "{stats:?}"
     );
 }
+
+/// DNS-like classes for the RRL tests: the reply's first byte is its kind.
+struct ByFirstByte;
+
+impl abyss_middleware::rrl::Classify for ByFirstByte {
+    type Class = u8;
+
+    fn classify(&self, reply: &[u8]) -> Option<u8> {
+        reply.first().copied()
+    }
+
+    fn slip(&self, _reply: &[u8]) -> Option<bytes::Bytes> {
+        Some(bytes::Bytes::from_static(b"TC"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn response_rate_limiting_holds_a_flooding_network_in_debt_for_its_window() {
+    use abyss_middleware::rrl::ResponseRateLimit;
+    use bytes::Bytes;
+
+    let rrl = ResponseRateLimit::builder(ByFirstByte, 5).build().unwrap();
+    let victim: SocketAddr = "198.51.100.7:53".parse().unwrap();
+    let answer = Bytes::from_static(b"A answer");
+    let (mut sent, mut slipped, mut dropped) = (0, 0, 0);
+    // 100 identical answers a second for 3 s to one /24.
+    for _ in 0..300 {
+        match rrl.decide(victim, answer.clone()) {
+            Ok(Some(reply)) if reply == answer => sent += 1,
+            Ok(Some(_)) => slipped += 1,
+            Ok(None) => unreachable!("a reply in, a reply or a drop out"),
+            Err(_) => dropped += 1,
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    // One second of credit, then nothing: the flood's own responses keep
+    // the account in debt (as BIND's do), up to the 15 s window.
+    assert_eq!(sent, 5);
+    assert_eq!(
+        (slipped, dropped),
+        (147, 148),
+        "every second limited one slips"
+    );
+    // Another kind of answer, and another network, are not held back.
+    assert!(
+        matches!(rrl.decide(victim, Bytes::from_static(b"B other")), Ok(Some(r)) if r[0] == b'B')
+    );
+    let neighbour: SocketAddr = "198.51.101.7:53".parse().unwrap();
+    assert_eq!(
+        rrl.decide(neighbour, answer.clone()),
+        Ok(Some(answer.clone()))
+    );
+    // Ten quiet seconds are not enough to pay a 15 s debt...
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(!matches!(rrl.decide(victim, answer.clone()), Ok(Some(r)) if r == answer));
+    // ...sixteen are.
+    tokio::time::advance(Duration::from_secs(16)).await;
+    assert_eq!(rrl.decide(victim, answer.clone()), Ok(Some(answer.clone())));
+    let stats = rrl.stats();
+    assert_eq!(stats.sent, 5 + 1 + 1 + 1);
+    assert_eq!(stats.limited(), 295 + 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn response_rate_limiting_spares_exempt_peers_and_drops_through_the_layer() {
+    use abyss_middleware::rrl::ResponseRateLimit;
+    use abyss_middleware::{DropReason, drop_reason};
+
+    let rrl = ResponseRateLimit::builder(ByFirstByte, 1)
+        .slip(0)
+        .exempt(|peer: SocketAddr| peer.port() == 53)
+        .build()
+        .unwrap();
+    let mut service = tower::ServiceBuilder::new()
+        .layer(rrl.layer())
+        .service_fn(|_: Packet| async { Ok::<_, BoxError>(bytes::Bytes::from_static(b"A")) });
+    let mut ask = async |peer: &str| {
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call(Packet::from(peer, 1))
+            .await
+            .map_err(|e| drop_reason(&*e))
+    };
+    assert!(ask("192.0.2.1:1000").await.is_ok());
+    assert_eq!(
+        ask("192.0.2.2:1000").await,
+        Err(Some(DropReason::RateLimited)),
+        "same /24"
+    );
+    for _ in 0..10 {
+        assert!(ask("192.0.2.3:53").await.is_ok(), "exempt");
+    }
+    let stats = rrl.stats();
+    assert_eq!(
+        (stats.sent, stats.dropped, stats.slipped, stats.unlimited),
+        (1, 1, 0, 10)
+    );
+}

@@ -28,7 +28,7 @@ impl<K: Hash + Eq + Clone + Send + Sync> Check<K> for Governor<K> {
 
 pub(super) type Checker<K> = Arc<dyn Check<K>>;
 
-type KeyFn<K> = dyn Fn(SocketAddr) -> K + Send + Sync;
+pub(crate) type KeyFn<K> = dyn Fn(SocketAddr) -> K + Send + Sync;
 
 /// The default for [`PeerRateLimiterBuilder::max_tracked_peers`].
 ///
@@ -535,7 +535,7 @@ impl PeerRateLimiterBuilder<IpAddr> {
 
 /// Keys a peer by its address with all but the first `v4` / `v6` bits
 /// cleared. IPv4-mapped IPv6 peers (on dual-stack sockets) are keyed as IPv4.
-fn prefix_key(v4: u8, v6: u8) -> Arc<KeyFn<IpAddr>> {
+pub(crate) fn prefix_key(v4: u8, v6: u8) -> Arc<KeyFn<IpAddr>> {
     let v4_mask = u32::MAX
         .checked_shl(32 - u32::from(v4.min(32)))
         .unwrap_or(0);

@@ -79,12 +79,13 @@ mod layer;
 mod limiter;
 mod quota;
 mod service;
-mod table;
+pub(crate) mod table;
 
 pub use crate::future::ResponseFuture;
 pub use layer::PeerRateLimitLayer;
 pub use limiter::{
     DEFAULT_MAX_TRACKED_PEERS, PeerRateLimiter, PeerRateLimiterBuilder, RateLimitStats,
 };
+pub(crate) use limiter::{KeyFn, prefix_key};
 pub use quota::{RateLimitError, RateQuota};
 pub use service::PeerRateLimit;

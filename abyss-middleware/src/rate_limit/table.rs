@@ -29,20 +29,20 @@ pub(super) fn at_arrival<T>(arrival: tokio::time::Instant, check: impl FnOnce() 
 /// Tokio's clock (so paused test time applies), as a `Duration` since a base
 /// instant shared by every limiter built on one table.
 #[derive(Debug, Clone)]
-pub(super) struct TableClock {
+pub(crate) struct TableClock {
     base: tokio::time::Instant,
     started: Arc<AtomicBool>,
 }
 
 impl TableClock {
-    pub(super) fn new(base: tokio::time::Instant) -> Self {
+    pub(crate) fn new(base: tokio::time::Instant) -> Self {
         Self {
             base,
             started: Default::default(),
         }
     }
 
-    pub(super) fn elapsed(&self) -> Duration {
+    pub(crate) fn elapsed(&self) -> Duration {
         tokio::time::Instant::now().saturating_duration_since(self.base)
     }
 }
@@ -121,8 +121,8 @@ impl<K: Hash + Eq + Clone> Shard<K> {
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Totals {
-    pub(super) tracked: usize,
+pub(crate) struct Totals {
+    pub(crate) tracked: usize,
     pub(super) allowed: u64,
     pub(super) limited: u64,
     pub(super) evicted: u64,
@@ -130,7 +130,7 @@ pub(super) struct Totals {
 
 /// Keyed GCRA state with at most `capacity` keys.
 #[derive(Debug)]
-pub(super) struct Table<K> {
+pub(crate) struct Table<K> {
     shards: Box<[Padded<Mutex<Shard<K>>>]>,
     picker: DefaultHashBuilder,
     clock: TableClock,
@@ -142,7 +142,7 @@ pub(super) struct Table<K> {
 struct Padded<T>(T);
 
 impl<K: Hash + Eq + Clone> Table<K> {
-    pub(super) fn new(capacity: usize, clock: TableClock) -> Self {
+    pub(crate) fn new(capacity: usize, clock: TableClock) -> Self {
         let count = (capacity / 256).clamp(1, 64);
         let shards = (0..count)
             .map(|i| {
@@ -172,7 +172,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
         &self.shards[index].0
     }
 
-    pub(super) fn totals(&self) -> Totals {
+    pub(crate) fn totals(&self) -> Totals {
         let mut totals = Totals::default();
         for shard in self.shards.iter() {
             let shard = shard.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -221,7 +221,7 @@ fn evict_idle<K: Hash + Eq + Clone>(shard: &mut Shard<K>, now: u64) {
 
 /// A shared handle on a table: what governor's limiters hold as their store.
 #[derive(Debug)]
-pub(super) struct SharedTable<K>(pub(super) Arc<Table<K>>);
+pub(crate) struct SharedTable<K>(pub(crate) Arc<Table<K>>);
 
 impl<K: Hash + Eq + Clone> StateStore for SharedTable<K> {
     type Key = K;
