@@ -4,6 +4,7 @@
 pub mod counting;
 pub mod dhcp;
 pub mod dns;
+pub mod dns_cookies;
 pub mod mdns;
 
 use std::fmt::Write as _;
