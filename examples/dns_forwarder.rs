@@ -10,6 +10,15 @@
 //! not answer in time gives SERVFAIL; a malformed query gets FORMERR (or
 //! nothing, without a whole header). Queries in flight are bounded by
 //! `--max-outstanding`; beyond it they are dropped and counted.
+//!
+//! `--rrl-responses-per-second 5` turns on response rate limiting as BIND's
+//! `rate-limit { responses-per-second 5; }` does: identical answers to one
+//! client network beyond 5 a second are dropped, every second one sent
+//! truncated (TC=1) instead (`--rrl-slip`, `--rrl-window-secs`,
+//! `--rrl-log-only`). Clients that send DNS cookies (RFC 7873; `dig` does)
+//! get server cookies (RFC 9018, secrets rotated every
+//! `--cookie-rotation-hours`), and those that return a good one are exempt
+//! from response rate limiting: their address is proven.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +26,8 @@ use std::time::Duration;
 
 use abyss::Server;
 use abyss_examples::dns::{Forwarder, first_nameserver, service};
+use abyss_examples::dns_cookies::{self, ServerCookies};
+use abyss_examples::dns_rrl::RrlArgs;
 use clap::Parser;
 
 /// DNS forwarder built on Abyss.
@@ -35,6 +46,12 @@ struct Args {
     /// Queries being forwarded at once at most.
     #[arg(long, default_value_t = 1024)]
     max_outstanding: usize,
+    /// Hours a DNS cookie secret is used before the next one (the one
+    /// before stays valid for as long); 0 turns DNS cookies off.
+    #[arg(long, default_value_t = 24)]
+    cookie_rotation_hours: u64,
+    #[command(flatten)]
+    rrl: RrlArgs,
 }
 
 #[tokio::main]
@@ -58,9 +75,33 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         upstream,
         Duration::from_millis(args.timeout_ms),
     ));
+    // Clients that return a good DNS cookie own their address: response
+    // rate limiting spares them.
+    let cookies = (args.cookie_rotation_hours > 0).then(|| {
+        Arc::new(ServerCookies::new(Duration::from_secs(
+            args.cookie_rotation_hours * 3600,
+        )))
+    });
+    let validated = cookies.as_ref().map(|cookies| cookies.validated());
+    let rrl = args.rrl.limiter(move |peer: SocketAddr| {
+        validated
+            .as_ref()
+            .is_some_and(|validated| abyss::middleware::Validate::is_validated(validated, peer))
+    })?;
     let handle = Server::bind(args.bind)
         .concurrency_shed(args.max_outstanding)
-        .serve(service(forwarder))
+        .serve(
+            tower::ServiceBuilder::new()
+                .option_layer(rrl.as_ref().map(|rrl| rrl.layer()))
+                // One error type with the layer on or off.
+                .map_err(Into::<abyss::BoxError>::into)
+                .service(match cookies {
+                    Some(cookies) => {
+                        tower::util::Either::Left(dns_cookies::service(forwarder, cookies))
+                    }
+                    None => tower::util::Either::Right(service(forwarder)),
+                }),
+        )
         .await?;
     println!(
         "listening on {} forwarding to {upstream}",

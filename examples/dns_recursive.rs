@@ -7,6 +7,9 @@
 //! cargo run --example dns_recursive -- --bind 127.0.0.1:5301
 //! dig @127.0.0.1 -p 5301 www.example.com
 //! ```
+//!
+//! `--rrl-responses-per-second N` turns on response rate limiting (see the
+//! forwarder example).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +17,8 @@ use std::time::Duration;
 
 use abyss::Server;
 use abyss_examples::dns::{ROOT_SERVERS, Resolver, parse_root_hints, service};
+use abyss_examples::dns_cookies::{self, ServerCookies};
+use abyss_examples::dns_rrl::RrlArgs;
 use clap::Parser;
 
 /// Recursive DNS resolver built on Abyss.
@@ -32,6 +37,12 @@ struct Args {
     /// Milliseconds to wait for each authoritative server.
     #[arg(long, default_value_t = 1500)]
     timeout_ms: u64,
+    /// Hours a DNS cookie secret is used before the next one (the one
+    /// before stays valid for as long); 0 turns DNS cookies off.
+    #[arg(long, default_value_t = 24)]
+    cookie_rotation_hours: u64,
+    #[command(flatten)]
+    rrl: RrlArgs,
 }
 
 #[tokio::main]
@@ -58,7 +69,33 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.server_port,
         Duration::from_millis(args.timeout_ms),
     ));
-    let handle = Server::bind(args.bind).serve(service(resolver)).await?;
+    // Clients that return a good DNS cookie own their address: response
+    // rate limiting spares them.
+    let cookies = (args.cookie_rotation_hours > 0).then(|| {
+        Arc::new(ServerCookies::new(Duration::from_secs(
+            args.cookie_rotation_hours * 3600,
+        )))
+    });
+    let validated = cookies.as_ref().map(|cookies| cookies.validated());
+    let rrl = args.rrl.limiter(move |peer: SocketAddr| {
+        validated
+            .as_ref()
+            .is_some_and(|validated| abyss::middleware::Validate::is_validated(validated, peer))
+    })?;
+    let handle = Server::bind(args.bind)
+        .serve(
+            tower::ServiceBuilder::new()
+                .option_layer(rrl.as_ref().map(|rrl| rrl.layer()))
+                // One error type with the layer on or off.
+                .map_err(Into::<abyss::BoxError>::into)
+                .service(match cookies {
+                    Some(cookies) => {
+                        tower::util::Either::Left(dns_cookies::service(resolver, cookies))
+                    }
+                    None => tower::util::Either::Right(service(resolver)),
+                }),
+        )
+        .await?;
     println!("listening on {}", handle.local_addr());
     let report = handle.shutdown_on(stop).await;
     println!("{}", abyss_examples::summary(&handle.stats(), &report));

@@ -5,6 +5,7 @@ pub mod counting;
 pub mod dhcp;
 pub mod dns;
 pub mod dns_cookies;
+pub mod dns_rrl;
 pub mod mdns;
 
 use std::fmt::Write as _;
