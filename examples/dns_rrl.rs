@@ -4,7 +4,7 @@
 //! Used by the forwarder and resolver examples (`--rrl-responses-per-second`)
 //! with [`abyss::middleware::rrl::ResponseRateLimit`].
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hasher, RandomState};
 
 use abyss::Bytes;
 use abyss::middleware::rrl::{Classify, ResponseRateLimit};
@@ -68,10 +68,10 @@ impl DnsResponses {
     }
 }
 
-/// The header and question of a response: where the question ends, its
-/// name's lower-cased wire form and its type. `None` for anything that is
-/// not a response with exactly one well-formed question.
-fn question(reply: &[u8]) -> Option<(usize, Vec<u8>, u16)> {
+/// The question of a response: where it ends, and its type; `visit` sees
+/// each byte of the name's wire form, lower-cased. `None` for anything
+/// that is not a response with exactly one well-formed question.
+fn question(reply: &[u8], mut visit: impl FnMut(u8)) -> Option<(usize, u16)> {
     let header = reply.get(..12)?;
     let is_response = header[2] & 0x80 != 0;
     let questions = u16::from_be_bytes([header[4], header[5]]);
@@ -79,29 +79,27 @@ fn question(reply: &[u8]) -> Option<(usize, Vec<u8>, u16)> {
         return None;
     }
     let mut at = 12;
-    let mut name = Vec::with_capacity(64);
     loop {
         let len = usize::from(*reply.get(at)?);
         // A compression pointer or an extended label has no place in a
         // question: not classified.
-        if len & 0xc0 != 0 {
+        if len & 0xc0 != 0 || at - 12 + len > 254 {
             return None;
         }
-        name.push(len as u8);
+        visit(len as u8);
         at += 1;
         if len == 0 {
             break;
         }
-        let label = reply.get(at..at + len)?;
-        name.extend(label.iter().map(u8::to_ascii_lowercase));
+        reply
+            .get(at..at + len)?
+            .iter()
+            .for_each(|b| visit(b.to_ascii_lowercase()));
         at += len;
-        if name.len() > 255 {
-            return None;
-        }
     }
     let qtype = u16::from_be_bytes([*reply.get(at)?, *reply.get(at + 1)?]);
     reply.get(at + 3)?; // the class
-    Some((at + 4, name, qtype))
+    Some((at + 4, qtype))
 }
 
 impl Classify for DnsResponses {
@@ -111,9 +109,12 @@ impl Classify for DnsResponses {
         let rcode = reply.get(3)? & 0x0f;
         match rcode {
             0 => {
-                let (_, name, qtype) = question(reply)?;
+                // The name is hashed as it is read: classifying allocates
+                // nothing.
+                let mut hasher = self.hasher.build_hasher();
+                let (_, qtype) = question(reply, |byte| hasher.write_u8(byte))?;
                 Some(DnsClass::Answer {
-                    name: self.hasher.hash_one(&name),
+                    name: hasher.finish(),
                     qtype,
                 })
             }
@@ -126,8 +127,8 @@ impl Classify for DnsResponses {
     }
 
     fn slip(&self, reply: &[u8]) -> Option<Bytes> {
-        let end = match question(reply) {
-            Some((end, _, _)) => end,
+        let end = match question(reply, |_| {}) {
+            Some((end, _)) => end,
             // No question to keep (some errors): the header alone.
             None => 12,
         };
