@@ -8,6 +8,11 @@
 //! Prints `listening on ADDR` on stdout once it answers; on Ctrl-C or SIGTERM
 //! it shuts down gracefully and prints the final counters on one line.
 //! `RUST_LOG=abyss=trace` shows every datagram.
+//!
+//! Socket-activated (systemd's `ListenDatagram=`, or
+//! `systemd-socket-activate --datagram -l 127.0.0.1:4000 echo`), it serves
+//! the socket it is given, with a listener per socket, and ignores
+//! `--bind`, `--port` and `--listeners`.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -133,6 +138,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     builder = builder.trace(args.trace);
     if args.gro {
         builder = builder.udp_options(UdpOptions::new().gro(true));
+    }
+    // Started by systemd (or `systemd-socket-activate --datagram -l ADDR`):
+    // serve the socket it bound, on its address.
+    if let Some(sockets) = abyss::transport::BoundSockets::from_systemd()? {
+        builder = builder.bound_sockets(sockets);
     }
     builder = builder.dispatch(match args.dispatch.as_str() {
         "inline" => Dispatch::Inline,

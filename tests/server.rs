@@ -1000,3 +1000,152 @@ async fn peers_of_one_network_share_its_prefix_rate_limit() {
     assert_eq!(ask(&other, server, b"four").await, b"four");
     handle.shutdown().await;
 }
+
+/// Set in the environment of the child process of
+/// [`a_socket_handed_over_by_systemd_is_served_as_it_is`].
+const SYSTEMD_CHILD: &str = "ABYSS_TEST_SYSTEMD_CHILD";
+
+/// Serves the datagram socket systemd's `systemd-socket-activate` passes
+/// to a child process (this test binary, running
+/// [`socket_activated_child`]): the child answers on the address systemd
+/// bound, though it bound nothing itself.
+#[test]
+fn a_socket_handed_over_by_systemd_is_served_as_it_is() {
+    if std::process::Command::new("systemd-socket-activate")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-socket-activate is not installed (apt-get install systemd)");
+        return;
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .args(["--datagram", "-l", &addr.to_string(), "-E", SYSTEMD_CHILD])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "socket_activated_child",
+            "--exact",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(SYSTEMD_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let deadline = std::time::Instant::now() + PATIENCE;
+    // The socket exists before the child starts: datagrams wait in it.
+    let answered = loop {
+        client.send_to(b"activated", addr).unwrap();
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            break buf[..n].to_vec();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "no answer from the socket-activated child:\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    };
+    assert_eq!(answered, b"activated");
+    client.send_to(b"stop", addr).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "the child test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The half of [`a_socket_handed_over_by_systemd_is_served_as_it_is`] that
+/// systemd starts: serves the socket it was given until told to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by systemd-socket-activate in a_socket_handed_over_by_systemd_is_served_as_it_is"]
+async fn socket_activated_child() {
+    if std::env::var_os(SYSTEMD_CHILD).is_none() {
+        eprintln!(
+            "nothing to do outside the child process of a_socket_handed_over_by_systemd_is_served_as_it_is"
+        );
+        return;
+    }
+    let sockets = abyss::transport::BoundSockets::from_systemd()
+        .unwrap()
+        .expect("a socket from systemd");
+    assert!(
+        abyss::transport::BoundSockets::from_systemd()
+            .unwrap()
+            .is_none(),
+        "taken once"
+    );
+    let addr = sockets.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let stop = Arc::new(std::sync::Mutex::new(Some(stop)));
+    let handle = Server::builder()
+        .bound_sockets(sockets)
+        .serve(service_fn(move |request: Request| {
+            if request.payload().as_ref() == b"stop"
+                && let Some(stop) = stop.lock().unwrap().take()
+            {
+                let _ = stop.send(());
+            }
+            async move { Ok::<_, Infallible>(Some(request.into_payload())) }
+        }))
+        .await
+        .unwrap();
+    assert_eq!(handle.local_addr(), addr);
+    let _ = tokio::time::timeout(PATIENCE, stopped).await;
+    let stats = handle.stats();
+    assert!(stats.replied >= 1, "{stats:?}");
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn bound_sockets_are_served_once_then_the_address_is_bound_afresh() {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    // As many listeners as sockets, or the server does not start.
+    let wrong = Server::builder()
+        .bound_sockets(
+            abyss::transport::BoundSockets::new(vec![socket.try_clone().unwrap()]).unwrap(),
+        )
+        .listeners(2)
+        .serve(echo())
+        .await
+        .unwrap_err();
+    let chain = format!(
+        "{wrong}: {}",
+        std::error::Error::source(&wrong)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
+    assert!(chain.contains("listeners"), "{chain}");
+
+    let handle = Server::builder()
+        .bound_sockets(abyss::transport::BoundSockets::new(vec![socket]).unwrap())
+        .serve(echo())
+        .await
+        .unwrap();
+    let client = client().await;
+    assert_eq!(ask(&client, addr, b"given").await, b"given");
+    // After a suspend, the given socket is closed: resume binds the same
+    // address afresh.
+    handle.suspend().await.unwrap();
+    assert_eq!(handle.resume().await.unwrap(), addr);
+    assert_eq!(ask(&client, addr, b"afresh").await, b"afresh");
+    handle.shutdown().await;
+}

@@ -63,6 +63,7 @@
 
 mod bind;
 mod error;
+mod inherited;
 #[cfg(feature = "memory")]
 mod memory;
 mod transport;
@@ -70,6 +71,7 @@ mod udp;
 
 pub use bind::Bind;
 pub use error::OptionsError;
+pub use inherited::BoundSockets;
 #[cfg(feature = "memory")]
 pub use memory::{MemoryNetwork, MemoryTransport};
 pub use transport::{RecvMeta, Transmit, Transport, is_unicast};

@@ -722,6 +722,45 @@ impl Builder {
         self
     }
 
+    /// Serves sockets bound elsewhere (see
+    /// [`BoundSockets`](crate::transport::BoundSockets)): bound by a
+    /// supervisor, by this process before it dropped its privileges, or by
+    /// systemd. Sets the address to theirs and one listener per socket; a
+    /// different [`listeners`](Builder::listeners) or
+    /// [`bind`](Builder::bind) afterwards fails at start.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::transport::BoundSockets;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Bound while the process could, say as root on port 53.
+    /// let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    /// let addr = socket.local_addr()?;
+    ///
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let handle = Server::builder()
+    ///     .bound_sockets(BoundSockets::new(vec![socket])?)
+    ///     .serve(echo)
+    ///     .await?;
+    /// assert_eq!(handle.local_addr(), addr);
+    /// let reply = abyss::client::send_recv(addr, b"hi", std::time::Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, "hi");
+    /// handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn bound_sockets(mut self, sockets: crate::transport::BoundSockets) -> Self {
+        self.addr = Some(Ok(sockets.local_addr()));
+        self.listeners = Some(sockets.len());
+        self.transport = Some(Arc::new(sockets));
+        self
+    }
+
     /// Drops datagrams longer than `bytes` before the service sees them
     /// (default 8192, see [`DEFAULT_MAX_PACKET_SIZE`]), counted as
     /// [`Drops::too_large`] and logged. Shortcut for
