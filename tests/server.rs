@@ -1149,3 +1149,53 @@ async fn bound_sockets_are_served_once_then_the_address_is_bound_afresh() {
     assert_eq!(ask(&client, addr, b"afresh").await, b"afresh");
     handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_service_finishes_what_it_has_in_flight_and_the_new_one_takes_the_rest() {
+    use abyss::reload::Reloadable;
+
+    fn version(
+        tag: &'static str,
+        delay: Duration,
+    ) -> impl tower::Service<
+        Request,
+        Response = Bytes,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Bytes, Infallible>> + Send,
+    > + Clone
+    + Send
+    + 'static {
+        service_fn(move |_: Request| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, Infallible>(Bytes::from_static(tag.as_bytes()))
+        })
+    }
+
+    let (service, reloader) = Reloadable::new(version("v1", Duration::from_millis(300)));
+    let handle = Server::bind("127.0.0.1:0")
+        .listeners(1)
+        .serve(service)
+        .await
+        .unwrap();
+    let socket = client().await;
+    for _ in 0..3 {
+        socket.send_to(b"?", handle.local_addr()).await.unwrap();
+    }
+    // The three are in v1's hands when v2 comes.
+    abyss_tests::wait_for_stats(&handle, "three in flight", |s| s.in_flight == 3).await;
+    reloader.replace(version("v2", Duration::ZERO));
+    for _ in 0..3 {
+        socket.send_to(b"?", handle.local_addr()).await.unwrap();
+    }
+    let mut replies = Vec::new();
+    for _ in 0..6 {
+        let (reply, _) = recv_within(&socket, PATIENCE).await.expect("a reply");
+        replies.push(String::from_utf8(reply).unwrap());
+    }
+    // v2 answers at once, v1 after its delay: nothing lost either way.
+    assert_eq!(replies, ["v2", "v2", "v2", "v1", "v1", "v1"]);
+    let stats = settled(&handle).await;
+    assert_eq!(stats.replied, 6);
+    assert_eq!(reloader.generation(), 1);
+    handle.shutdown().await;
+}

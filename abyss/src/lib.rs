@@ -3,6 +3,7 @@
 
 pub mod client;
 mod error;
+pub mod reload;
 mod request;
 mod server;
 pub mod session;
