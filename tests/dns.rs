@@ -564,3 +564,152 @@ async fn response_rate_limiting_answers_a_query_stream_as_bind_does() {
     assert_eq!(handle.stats().dropped.rate_limited, stats.dropped);
     handle.shutdown().await;
 }
+
+/// Answers every DNS query with one TXT record saying who asked: the peer
+/// the server sees and the proxy it came through.
+fn whoami_dns() -> impl tower::Service<
+    abyss::Request,
+    Response = Option<abyss::Bytes>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Option<abyss::Bytes>, std::convert::Infallible>>
+             + Send,
+> + Clone
++ Send
++ 'static {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::rdata::TXT;
+    use hickory_proto::rr::{RData, Record};
+    tower::service_fn(|request: abyss::Request| async move {
+        let Ok(query) = Message::from_vec(request.payload()) else {
+            return Ok(None);
+        };
+        let mut response = Message::new(
+            query.metadata.id,
+            MessageType::Response,
+            query.metadata.op_code,
+        );
+        response.metadata.recursion_desired = query.metadata.recursion_desired;
+        let said = format!(
+            "peer={} proxy={}",
+            request.peer(),
+            request.proxy().map_or("none".to_owned(), |p| p.to_string())
+        );
+        for question in &query.queries {
+            response.add_query(question.clone());
+            response.add_answer(Record::from_rdata(
+                question.name().clone(),
+                0,
+                RData::TXT(TXT::new(vec![said.clone()])),
+            ));
+        }
+        Ok(response.to_vec().ok().map(abyss::Bytes::from))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_dnsdist_with_the_proxy_protocol_the_service_sees_the_client() {
+    if !have("dnsdist") || !have("dig") {
+        eprintln!("skipped: needs dnsdist and dig (apt-get install dnsdist dnsutils)");
+        return;
+    }
+    use abyss::proxy_protocol::ProxyProtocolLayer;
+    let backend = Server::bind("127.0.0.1:0")
+        .serve(
+            tower::ServiceBuilder::new()
+                .layer(ProxyProtocolLayer::new().trust("127.0.0.1/32".parse().unwrap()))
+                .service(whoami_dns()),
+        )
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("abyss-dnsdist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.join("dnsdist.conf"),
+        format!(
+            "setLocal(\"127.0.0.1:{port}\")\naddACL(\"127.0.0.0/8\")\nnewServer({{address=\"{}\", useProxyProtocol=true}})\n",
+            backend.local_addr()
+        ),
+    )
+    .unwrap();
+    let dnsdist = Nsd {
+        child: Command::new("dnsdist")
+            .args(["--supervised", "--disable-syslog", "-C"])
+            .arg(dir.join("dnsdist.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsdist"),
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        dir: dir.clone(),
+    };
+    // dig from another loopback address than dnsdist's own.
+    let addr = dnsdist.addr;
+    let said = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let output = Command::new("dig")
+                .args([
+                    "-b",
+                    "127.0.0.9",
+                    &format!("@{}", addr.ip()),
+                    "-p",
+                    &addr.port().to_string(),
+                ])
+                .args(["who.example", "TXT", "+short", "+time=1", "+tries=1"])
+                .output()
+                .expect("run dig");
+            let said = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            if said.contains("peer=") || std::time::Instant::now() > deadline {
+                return said;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        said.contains("peer=127.0.0.9:"),
+        "the service saw the client: {said}"
+    );
+    assert!(said.contains("proxy=127.0.0.1:"), "through dnsdist: {said}");
+    let stats = backend.stats();
+    assert_eq!(stats.dropped.denied, 0, "{stats:?}");
+    drop(dnsdist);
+    backend.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_proxy_header_from_an_untrusted_source_is_refused_and_plain_datagrams_pass() {
+    use abyss::proxy_protocol::ProxyProtocolLayer;
+    let handle = Server::bind("127.0.0.1:0")
+        .serve(
+            tower::ServiceBuilder::new()
+                .layer(ProxyProtocolLayer::new().trust("192.0.2.0/24".parse().unwrap()))
+                .service_fn(|request: abyss::Request| async move {
+                    Ok::<_, std::convert::Infallible>(format!(
+                        "{} {:?}",
+                        request.peer(),
+                        request.proxy()
+                    ))
+                }),
+        )
+        .await
+        .unwrap();
+    let socket = client().await;
+    let me = socket.local_addr().unwrap();
+    socket.send_to(b"plain", handle.local_addr()).await.unwrap();
+    let (reply, _) = recv_within(&socket, PATIENCE).await.expect("a reply");
+    assert_eq!(String::from_utf8(reply).unwrap(), format!("{me} None"));
+    // A client passing for 198.51.100.7 is not a trusted proxy.
+    let mut forged = b"\r\n\r\n\0\r\nQUIT\n\x21\x12\x00\x0c".to_vec();
+    forged.extend_from_slice(&[198, 51, 100, 7, 127, 0, 0, 1, 0x9c, 0x40, 0, 53]);
+    forged.extend_from_slice(b"hello");
+    socket.send_to(&forged, handle.local_addr()).await.unwrap();
+    let stats = abyss_tests::wait_for_stats(&handle, "the forged header refused", |s| {
+        s.dropped.denied == 1
+    })
+    .await;
+    assert_eq!(stats.replied, 1);
+    handle.shutdown().await;
+}

@@ -3,6 +3,7 @@
 
 pub mod client;
 mod error;
+pub mod proxy_protocol;
 pub mod reload;
 mod request;
 mod server;

@@ -27,6 +27,9 @@ use crate::transport::{Transmit, Transport};
 /// ```
 pub struct Request {
     peer: SocketAddr,
+    /// The proxy the datagram came through, when a PROXY header named the
+    /// client (`peer`).
+    proxy: Option<SocketAddr>,
     local: SocketAddr,
     payload: Bytes,
     received_at: Instant,
@@ -52,6 +55,7 @@ impl Request {
     pub fn new(peer: SocketAddr, local: SocketAddr, payload: Bytes, sender: SendHandle) -> Self {
         Self {
             peer,
+            proxy: None,
             local,
             payload,
             received_at: Instant::now(),
@@ -69,6 +73,7 @@ impl Request {
     ) -> Self {
         Self {
             peer,
+            proxy: None,
             local,
             payload,
             received_at,
@@ -77,7 +82,9 @@ impl Request {
         }
     }
 
-    /// The address the datagram came from; the reply goes here.
+    /// The address the datagram came from, or the client a trusted proxy
+    /// named for it ([`proxy`](Self::proxy)). The reply goes to where the
+    /// datagram came from.
     ///
     /// # Example
     ///
@@ -103,6 +110,36 @@ impl Request {
     /// ```
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The proxy or load balancer the datagram came through, when a PROXY
+    /// protocol header from it named the client (then [`peer`](Self::peer)
+    /// is that client; see [`proxy_protocol`](crate::proxy_protocol)). The
+    /// reply goes to the proxy, which relays it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::{Request, SendHandle};
+    ///
+    /// let direct = Request::new(
+    ///     "192.0.2.7:5000".parse().unwrap(),
+    ///     "192.0.2.1:53".parse().unwrap(),
+    ///     abyss::Bytes::from_static(b"hello"),
+    ///     SendHandle::detached(),
+    /// );
+    /// assert_eq!(direct.proxy(), None);
+    /// ```
+    pub fn proxy(&self) -> Option<SocketAddr> {
+        self.proxy
+    }
+
+    /// Records that the datagram came through `self.peer` on behalf of
+    /// `client`, and leaves `payload` (what followed the proxy's header).
+    pub(crate) fn relayed(&mut self, client: SocketAddr, payload: Bytes) {
+        self.proxy = Some(self.peer);
+        self.peer = client;
+        self.payload = payload;
     }
 
     /// The address the datagram was sent to. On Linux, for a server bound to
