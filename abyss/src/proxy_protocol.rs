@@ -9,7 +9,7 @@
 //! expects: replies carry no header). A datagram from a trusted proxy
 //! without a valid version 2 header, and one *with* a header from anyone
 //! else (a client trying to pass for another), is dropped: it fails with
-//! [`DropReason::Denied`](crate::middleware::DropReason::Denied), counted
+//! [`DropReason::Denied`], counted
 //! as `denied`, and traced as `proxy_header_refused` with the reason.
 //!
 //! A `LOCAL` header (a proxy's own health check) leaves the peer as it is;
