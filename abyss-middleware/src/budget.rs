@@ -13,9 +13,10 @@
 //! flood spoofing other sources cannot crowd them out. Their replies are
 //! not counted against the budget either.
 //!
-//! Each budget refills continuously (a GCRA from the [`governor`] crate)
-//! and holds at most one second of it, so a quiet second cannot be saved up
-//! for a burst of more than one second's replies.
+//! Each budget refills continuously (a GCRA) and holds at most one second
+//! of it, so a quiet second cannot be saved up for a burst of more than
+//! one second's replies. A reply is sent only if it fits both budgets, and
+//! only then spends them: one refused spends nothing.
 //!
 //! # Example
 //!
@@ -37,37 +38,28 @@
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
 use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
 use crate::targets::LISTENER;
 use crate::{Datagram, DropReason, IntoReply, RateLimitError, Validate};
 
-/// Tokio's clock (so paused test time applies), as time since a base.
-#[derive(Debug, Clone)]
-struct TokioClock {
-    base: tokio::time::Instant,
+/// Nanoseconds in the second of burst each budget holds.
+const SECOND: u64 = 1_000_000_000;
+
+/// The two budgets' state: when each is next fully spent, in nanoseconds
+/// since `base` (a GCRA's theoretical arrival time). Both are checked,
+/// and both spent, under one lock: a reply refused by one spends neither.
+#[derive(Debug, Default)]
+struct Tats {
+    replies: u64,
+    bytes: u64,
 }
-
-impl Clock for TokioClock {
-    type Instant = Duration;
-
-    fn now(&self) -> Duration {
-        tokio::time::Instant::now().saturating_duration_since(self.base)
-    }
-}
-
-type Direct = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
 /// A budget of replies per second for a whole server; see the [module
 /// docs](self).
@@ -94,8 +86,11 @@ pub struct ReplyBudget {
 }
 
 struct Shared {
-    replies: Option<(u32, Direct)>,
-    bytes: Option<(u32, Direct)>,
+    /// Replies per second, and bytes per second.
+    replies: Option<u32>,
+    bytes: Option<u32>,
+    tats: Mutex<Tats>,
+    base: tokio::time::Instant,
     exempt: Option<Box<dyn Validate>>,
     sent: AtomicU64,
     exempted: AtomicU64,
@@ -105,11 +100,8 @@ struct Shared {
 impl fmt::Debug for ReplyBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplyBudget")
-            .field(
-                "replies_per_second",
-                &self.shared.replies.as_ref().map(|r| r.0),
-            )
-            .field("bytes_per_second", &self.shared.bytes.as_ref().map(|b| b.0))
+            .field("replies_per_second", &self.shared.replies)
+            .field("bytes_per_second", &self.shared.bytes)
             .field("exempt", &self.shared.exempt.is_some())
             .finish_non_exhaustive()
     }
@@ -234,21 +226,7 @@ impl ReplyBudget {
             shared.exempted.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        let bytes_fit = match &shared.bytes {
-            None => true,
-            Some((_, limiter)) => {
-                let cells = u32::try_from(bytes).unwrap_or(u32::MAX);
-                match NonZeroU32::new(cells) {
-                    None => true,
-                    Some(cells) => matches!(limiter.check_n(cells), Ok(Ok(()))),
-                }
-            }
-        };
-        let fits = bytes_fit
-            && shared
-                .replies
-                .as_ref()
-                .is_none_or(|(_, limiter)| limiter.check().is_ok());
+        let fits = shared.fits(bytes);
         let counter = if fits {
             &shared.sent
         } else {
@@ -363,32 +341,61 @@ impl ReplyBudgetBuilder {
                 "set replies_per_second, bytes_per_second or both",
             ));
         }
-        let clock = TokioClock {
-            base: tokio::time::Instant::now(),
-        };
-        let direct = |field: &'static str, per_second: Option<u32>| {
-            per_second
-                .map(|n| {
-                    let n = NonZeroU32::new(n)
-                        .ok_or_else(|| RateLimitError::new(field, "must be at least 1"))?;
-                    let quota = governor::Quota::per_second(n);
-                    Ok((
-                        n.get(),
-                        governor::RateLimiter::direct_with_clock(quota, clock.clone()),
-                    ))
-                })
-                .transpose()
+        let check = |field: &'static str, per_second: Option<u32>| match per_second {
+            Some(0) => Err(RateLimitError::new(field, "must be at least 1")),
+            _ => Ok(per_second),
         };
         Ok(ReplyBudget {
             shared: Arc::new(Shared {
-                replies: direct("replies_per_second", self.replies)?,
-                bytes: direct("bytes_per_second", self.bytes)?,
+                replies: check("replies_per_second", self.replies)?,
+                bytes: check("bytes_per_second", self.bytes)?,
+                tats: Mutex::new(Tats::default()),
+                base: tokio::time::Instant::now(),
                 exempt: self.exempt,
                 sent: AtomicU64::new(0),
                 exempted: AtomicU64::new(0),
                 over_budget: AtomicU64::new(0),
             }),
         })
+    }
+}
+
+impl Shared {
+    /// Whether a reply of `bytes` fits both budgets; if so, spends it.
+    fn fits(&self, bytes: usize) -> bool {
+        let now = u64::try_from(
+            tokio::time::Instant::now()
+                .saturating_duration_since(self.base)
+                .as_nanos(),
+        )
+        .unwrap_or(u64::MAX);
+        // What one reply, and these bytes, take: a share of a second.
+        let cost = |units: u64, per_second: u32| {
+            let ns = u128::from(units) * u128::from(SECOND) / u128::from(per_second);
+            u64::try_from(ns).unwrap_or(u64::MAX)
+        };
+        let reply_cost = self.replies.map(|n| cost(1, n));
+        let bytes_cost = self
+            .bytes
+            .map(|n| cost(u64::try_from(bytes).unwrap_or(u64::MAX), n));
+        let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
+        // A budget is spent up to its TAT; a reply fits if spending it
+        // leaves the budget at most one second ahead of now.
+        let after =
+            |tat: u64, cost: Option<u64>| cost.map(|cost| tat.max(now).saturating_add(cost));
+        let replies = after(tats.replies, reply_cost);
+        let bytes = after(tats.bytes, bytes_cost);
+        let within = |after: Option<u64>| after.is_none_or(|t| t <= now.saturating_add(SECOND));
+        if !(within(replies) && within(bytes)) {
+            return false;
+        }
+        if let Some(t) = replies {
+            tats.replies = t;
+        }
+        if let Some(t) = bytes {
+            tats.bytes = t;
+        }
+        true
     }
 }
 

@@ -656,3 +656,24 @@ async fn response_rate_limiting_spares_exempt_peers_and_drops_through_the_layer(
         (1, 1, 0, 10)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_the_budget_refuses_spends_none_of_it() {
+    use abyss_middleware::ReplyBudget;
+
+    let budget = ReplyBudget::builder()
+        .replies_per_second(2)
+        .bytes_per_second(1000)
+        .build()
+        .unwrap();
+    let peer: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+    assert!(budget.spend(peer, 100));
+    assert!(budget.spend(peer, 100));
+    // No reply left this second: refused, and its 800 bytes not spent.
+    assert!(!budget.spend(peer, 800));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    // Half a second later, one reply is back and 700 bytes are free.
+    assert!(budget.spend(peer, 600), "the refused reply spent nothing");
+    let stats = budget.stats();
+    assert_eq!((stats.sent, stats.over_budget), (3, 1), "{stats:?}");
+}
