@@ -108,20 +108,23 @@ impl Classify for DnsResponses {
     fn classify(&self, reply: &[u8]) -> Option<DnsClass> {
         let rcode = reply.get(3)? & 0x0f;
         match rcode {
+            // A response that is not one is not ours to limit.
+            _ if reply.get(2)? & 0x80 == 0 => None,
             0 => {
                 // The name is hashed as it is read: classifying allocates
                 // nothing.
                 let mut hasher = self.hasher.build_hasher();
-                let (_, qtype) = question(reply, |byte| hasher.write_u8(byte))?;
-                Some(DnsClass::Answer {
-                    name: hasher.finish(),
-                    qtype,
+                Some(match question(reply, |byte| hasher.write_u8(byte)) {
+                    Some((_, qtype)) => DnsClass::Answer {
+                        name: hasher.finish(),
+                        qtype,
+                    },
+                    // A NOERROR without one well-formed question is
+                    // limited with the errors, not left unlimited.
+                    None => DnsClass::Error,
                 })
             }
             3 => Some(DnsClass::NxDomain),
-            // A response that is not one is not ours to limit; any other
-            // code is an error.
-            _ if reply.get(2)? & 0x80 == 0 => None,
             _ => Some(DnsClass::Error),
         }
     }
@@ -180,6 +183,9 @@ mod tests {
         let mut query = response(b"\x01a\x00", 1, 0);
         query[2] &= 0x7f;
         assert_eq!(classes.classify(&query), None);
+        let mut two_questions = response(b"\x01a\x00", 1, 0);
+        two_questions[5] = 2;
+        assert_eq!(classes.classify(&two_questions), Some(DnsClass::Error));
     }
 
     #[test]

@@ -664,10 +664,21 @@ async fn an_evicted_session_answers_what_it_had_queued_before_it_ends() {
         .await
         .unwrap()
         .call(request_from(HEAVY, 1, b"hi"));
+    // Ports 2 and 3 are busy too: with every session of the source
+    // handling a datagram, the newcomer evicts one of them anyway (port 1,
+    // the first it compares).
+    let others: Vec<_> = [2, 3]
+        .map(|port| {
+            h.service
+                .ready()
+                .now_or_never()
+                .unwrap()
+                .unwrap()
+                .call(request_from(HEAVY, port, b"slow"))
+        })
+        .into_iter()
+        .collect();
     tokio::time::advance(Duration::from_millis(10)).await;
-    h.send_from(HEAVY, 2, b"hi").await.unwrap();
-    h.send_from(HEAVY, 3, b"hi").await.unwrap();
-    // Port 1 is the quietest: a newcomer evicts it while it is busy.
     assert_eq!(
         h.send_from(NEWCOMER, 1, b"hi").await.unwrap().as_deref(),
         Some(&b"1"[..])
@@ -676,6 +687,9 @@ async fn an_evicted_session_answers_what_it_had_queued_before_it_ends() {
     assert!(h.log().is_empty(), "it still has work");
     assert_eq!(slow.await.unwrap().as_deref(), Some(&b"1"[..]));
     assert_eq!(queued.await.unwrap().as_deref(), Some(&b"2"[..]));
+    for other in others {
+        assert_eq!(other.await.unwrap().as_deref(), Some(&b"1"[..]));
+    }
     settle().await;
     assert_eq!(h.log(), ["1 evict"]);
     let stats = h.sessions.stats();
@@ -718,4 +732,88 @@ async fn a_panicking_factory_fails_that_datagram_and_the_table_stays_whole() {
     tokio::time::timeout(Duration::from_secs(10), sessions.shutdown())
         .await
         .expect("shutdown ends: the panicked session is not waited for");
+}
+
+/// Blocks forever on `block`, answers anything else.
+struct Stuck;
+
+impl Session for Stuck {
+    async fn handle(&mut self, request: Request) -> Step {
+        if request.payload().as_ref() == b"block" {
+            std::future::pending::<()>().await;
+        }
+        Step::keep().reply("ok")
+    }
+}
+
+#[test]
+fn a_session_dropped_with_its_runtime_gives_back_its_place_and_answers_its_queue() {
+    let sessions = Sessions::builder(|_peer| Stuck)
+        .max_sessions(1)
+        .build()
+        .unwrap();
+    let mut service = sessions.service();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The session blocks on its first datagram; a second waits in its queue.
+    let queued = first.block_on(async {
+        let _blocked = service.call(request(1, b"block"));
+        tokio::task::yield_now().await;
+        let queued = service.call(request(1, b"queued"));
+        tokio::task::yield_now().await;
+        queued
+    });
+    drop(first); // the session's task goes with its runtime
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let answered = tokio::time::timeout(Duration::from_secs(5), queued)
+            .await
+            .expect("the queued datagram is answered, not left waiting");
+        let error = answered.unwrap_err();
+        assert_eq!(drop_reason(&*error), Some(DropReason::Overloaded));
+        assert_eq!(sessions.stats().live, 0, "its place is given back");
+        let other = Request::new(
+            SocketAddr::from(([198, 51, 100, 2], 1)),
+            "192.0.2.53:53".parse().unwrap(),
+            Bytes::from_static(b"hi"),
+            SendHandle::detached(),
+        );
+        let reply = service.ready().await.unwrap().call(other).await.unwrap();
+        assert_eq!(
+            reply.as_deref(),
+            Some(&b"ok"[..]),
+            "another peer gets the place"
+        );
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_busy_with_a_datagram_is_not_taken_for_an_idle_one() {
+    let mut h = harness(|b| b.max_sessions(3).max_sessions_per_source(3));
+    // Port 3 spoke first, ports 1 and 2 later...
+    for port in [3, 1, 2] {
+        h.send_from(HEAVY, port, b"hi").await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    // ...and port 3 is now handling a long datagram.
+    let busy = h
+        .service
+        .ready()
+        .await
+        .unwrap()
+        .call(request_from(HEAVY, 3, b"slow"));
+    tokio::time::advance(Duration::from_millis(10)).await;
+    h.send_from(NEWCOMER, 9, b"hi").await.unwrap();
+    settle().await;
+    assert_eq!(
+        h.log(),
+        ["1 evict"],
+        "the quietest idle session, not the busy one"
+    );
+    assert_eq!(busy.await.unwrap().as_deref(), Some(&b"2"[..]));
 }

@@ -34,9 +34,17 @@
 //!   or a few cannot keep newcomers out, while a table full of sources
 //!   holding one session each refuses newcomers rather than churn. The
 //!   evicted session handles what it has queued, then gets
-//!   [`Session::on_evict`] ([`SessionStats::evicted`]). A datagram that can
-//!   start no session is dropped, counted in [`SessionStats::refused`] and
-//!   by the server as `overloaded`.
+//!   [`Session::on_evict`] ([`SessionStats::evicted`]); a session handling
+//!   a datagram is not evicted while others are idle. "Least recently
+//!   active" is exact for a source holding up to 64 sessions, and among 64
+//!   of them (a sample that moves on at each eviction) beyond. Under a
+//!   spoofed flood from many sources, sources holding several sessions (a
+//!   NAT) are evened down towards the newcomers' share. While an evicted
+//!   session finishes its queue, its peer's next datagram may start a
+//!   fresh session: for that moment the peer has two, and the table one
+//!   more than `max_sessions`. A datagram that can start no session is
+//!   dropped, counted in [`SessionStats::refused`] and by the server as
+//!   `overloaded`.
 //! * Each session queues at most `queue_size` datagrams (default 64); one
 //!   more is dropped, counted in [`SessionStats::queue_full`] and by the
 //!   server as `overloaded`.

@@ -72,7 +72,8 @@ struct Slot<K> {
     /// The source whose share this session counts in.
     source: IpAddr,
     /// When it last began a turn (a datagram or its idle timeout):
-    /// nanoseconds since the table was built.
+    /// nanoseconds since the table was built; `u64::MAX` while it handles a
+    /// datagram.
     active: AtomicU64,
     /// Its place in its source's list in the [`Ledger`] (changed only under
     /// the ledger's lock).
@@ -178,12 +179,17 @@ impl<K> Slot<K> {
     }
 }
 
+/// Sessions of the heaviest source an eviction compares, at most.
+const EVICTION_SAMPLE: usize = 64;
+
 /// Who holds which sessions: the places taken in the table, by source.
 struct Ledger<K> {
     /// The sessions of each source that holds any.
     held: HashMap<IpAddr, Vec<Arc<Slot<K>>>>,
     /// The sources by how many sessions they hold, to find the heaviest.
     by_load: BTreeSet<(usize, IpAddr)>,
+    /// Where the next eviction's sample starts.
+    hand: usize,
 }
 
 impl<K> Default for Ledger<K> {
@@ -191,6 +197,7 @@ impl<K> Default for Ledger<K> {
         Self {
             held: HashMap::new(),
             by_load: BTreeSet::new(),
+            hand: 0,
         }
     }
 }
@@ -234,16 +241,23 @@ impl<K> Ledger<K> {
     }
 
     /// The session to evict for a newcomer from `source`: the least
-    /// recently active of the source holding the most, if that source holds
-    /// at least two more than `source` (so that shares only get more even).
-    fn victim(&self, source: IpAddr) -> Option<Arc<Slot<K>>> {
+    /// recently active of the source holding the most (among
+    /// [`EVICTION_SAMPLE`] of its sessions, from a hand that moves on at
+    /// each eviction, so the work under this lock stays bounded), if that
+    /// source holds at least two more than `source` (so that shares only
+    /// get more even).
+    fn victim(&mut self, source: IpAddr) -> Option<Arc<Slot<K>>> {
         let &(most, heaviest) = self.by_load.last()?;
         if most < self.held(source) + 2 {
             return None;
         }
-        self.held
-            .get(&heaviest)?
-            .iter()
+        let list = self.held.get(&heaviest)?;
+        let start = self.hand % list.len();
+        self.hand = self.hand.wrapping_add(EVICTION_SAMPLE);
+        list.iter()
+            .cycle()
+            .skip(start)
+            .take(EVICTION_SAMPLE.min(list.len()))
             .min_by_key(|slot| slot.active.load(Ordering::Relaxed))
             .cloned()
     }
@@ -1227,17 +1241,32 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Registry<S, K> {
 }
 
 /// A running session: its table and its slot. Dropped when the task
-/// ends, however it ends (even unpolled with its runtime), it closes the
-/// session's queue, so the next datagram starts a fresh session, and lets
-/// [`Sessions::shutdown`] know.
-struct Alive<S, K> {
+/// ends, however it ends, it lets [`Sessions::shutdown`] know; and a
+/// session that did not get to [`Registry::finish`] (its task dropped
+/// with its runtime) gives back its place, and the datagrams it had queued
+/// are answered as dropped (`overloaded`) rather than left waiting.
+struct Alive<S, K: Hash + Eq> {
     registry: Arc<Registry<S, K>>,
     slot: Arc<Slot<K>>,
 }
 
-impl<S, K> Drop for Alive<S, K> {
+impl<S, K: Hash + Eq> Drop for Alive<S, K> {
     fn drop(&mut self) {
-        self.slot.inbox().closed = true;
+        let stray = {
+            let mut live = self.registry.shard(&self.slot.key);
+            let queued = self.slot.close();
+            if live
+                .get(&self.slot.key)
+                .is_some_and(|held| Arc::ptr_eq(held, &self.slot))
+            {
+                live.remove(&self.slot.key);
+                self.registry.release(&self.slot);
+            }
+            queued
+        };
+        for job in stray {
+            let _ = job.outcome.send(Outcome::Dropped(DropReason::Overloaded));
+        }
         self.registry.running.fetch_sub(1, Ordering::AcqRel);
         self.registry.ended.notify_waiters();
     }
@@ -1286,6 +1315,8 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Alive<S, K> {
             };
             let step = match event {
                 Event::Datagram(job) => {
+                    // Busy: not a candidate for eviction until its next turn.
+                    slot.active.store(u64::MAX, Ordering::Relaxed);
                     context.sender = job.request.sender().clone();
                     match AssertUnwindSafe(state.handle(job.request))
                         .catch_unwind()
@@ -1364,7 +1395,10 @@ impl<S: Session, K: Hash + Eq + Clone + Send + Sync + 'static> Alive<S, K> {
         if let Some(counter) = counter {
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        drop(state);
+        // A destructor that panics must not keep the session from ending.
+        if std::panic::catch_unwind(AssertUnwindSafe(move || drop(state))).is_err() {
+            tracing::error!(target: TARGET, peer = %context.peer, "a session's state panicked when dropped");
+        }
         registry.finish(slot);
         tracing::debug!(target: TARGET, peer = %context.peer, id = slot.id, "session stop");
     }
