@@ -758,13 +758,14 @@ fn a_session_dropped_with_its_runtime_gives_back_its_place_and_answers_its_queue
         .build()
         .unwrap();
     // The session blocks on its first datagram; a second waits in its queue.
-    let queued = first.block_on(async {
+    let mut queued = None;
+    first.block_on(async {
         let _blocked = service.call(request(1, b"block"));
         tokio::task::yield_now().await;
-        let queued = service.call(request(1, b"queued"));
+        queued = Some(service.call(request(1, b"queued")));
         tokio::task::yield_now().await;
-        queued
     });
+    let queued = queued.expect("queued above");
     drop(first); // the session's task goes with its runtime
     let second = tokio::runtime::Builder::new_current_thread()
         .enable_all()
