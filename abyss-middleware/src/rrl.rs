@@ -27,13 +27,12 @@
 //! credited `responses_per_second` a second, holds at most one second of
 //! credit, and is debited one per response, *sent or not*, down to a debt
 //! of `window` seconds: a network that keeps asking faster than the limit
-//! stays limited until it slows down, and is forgiven within `window`
-//! seconds once it stops, as in BIND. Differences:
+//! stays limited until it slows down, and is forgiven about `window`
+//! seconds after it stops, as in BIND. Each account counts its own limited
+//! responses for slip, as BIND does. Differences:
 //! - One rate for every kind; BIND has separate `nxdomains-per-second`,
 //!   `errors-per-second` and `referrals-per-second` (the classifier can
 //!   fold them into kinds, but not give them other rates).
-//! - The slip count is one counter for the whole layer, not per account: in
-//!   a flood against one victim, the same thing.
 //! - The table of accounts is bounded (`max_tracked`, default 65 536) like
 //!   the per-peer rate limiter's: a new account takes the place of an idle
 //!   one found in bounded work, or shares an overflow account.
@@ -208,6 +207,21 @@ impl RrlStats {
 /// An account: a client network and a kind of response.
 type Key<C> = (IpAddr, C);
 
+/// The low bits of an account's state that count its limited responses
+/// since its last slip.
+const SLIP_COUNT: u64 = 0xff;
+
+/// What becomes of a response, by its account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Debit {
+    /// Within the rate: sent.
+    InCredit,
+    /// Over it, and the account's turn to slip.
+    Slip,
+    /// Over it: dropped.
+    Drop,
+}
+
 struct Shared<C: Classify> {
     classify: C,
     accounts: Arc<Table<Key<C::Class>>>,
@@ -224,7 +238,6 @@ struct Shared<C: Classify> {
     exempt: Option<Box<dyn Validate>>,
     responses_per_second: u32,
     window: Duration,
-    limited_seen: AtomicU64,
     /// When the next log-only line may be written (ns on the clock).
     next_log: AtomicU64,
     sent: AtomicU64,
@@ -426,7 +439,8 @@ impl<C: Classify> ResponseRateLimit<C> {
             return Ok(Some(reply));
         };
         let key = ((shared.prefix)(peer), class);
-        if self.debit(&key) {
+        let debit = self.debit(&key);
+        if debit == Debit::InCredit {
             shared.sent.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(reply));
         }
@@ -435,9 +449,7 @@ impl<C: Classify> ResponseRateLimit<C> {
             self.log_limited(peer);
             return Ok(Some(reply));
         }
-        let seen = shared.limited_seen.fetch_add(1, Ordering::Relaxed) + 1;
-        if shared.slip > 0
-            && seen.is_multiple_of(u64::from(shared.slip))
+        if debit == Debit::Slip
             && let Some(slip) = shared.classify.slip(&reply)
         {
             shared.slipped.fetch_add(1, Ordering::Relaxed);
@@ -447,21 +459,30 @@ impl<C: Classify> ResponseRateLimit<C> {
         Err(DropReason::RateLimited)
     }
 
-    /// Debits `key`'s account for one response; whether it was in credit.
-    fn debit(&self, key: &Key<C::Class>) -> bool {
+    /// Debits `key`'s account for one response.
+    fn debit(&self, key: &Key<C::Class>) -> Debit {
         let shared = &*self.shared;
         let now = Nanos::from(shared.clock.elapsed()).as_u64();
         let table = SharedTable(shared.accounts.clone());
-        // The account's state is the time its debt is paid off: one
-        // interval later for every response, sent or not, and never more
-        // than the window ahead.
-        let outcome: Result<bool, ()> = table.measure_and_replace(key, |paid_off| {
-            let paid_off = paid_off.map_or(0, Nanos::as_u64).max(now);
-            let after = (paid_off + shared.interval).min(now + shared.credit + shared.debt);
-            let in_credit = after <= now + shared.credit;
-            Ok((in_credit, Nanos::new(after)))
+        // An account is the time its debt is paid off (one interval later
+        // for every response, sent or not, never more than the window
+        // ahead), to 256 ns, and in the low byte its limited responses
+        // since the last slip.
+        let outcome: Result<Debit, ()> = table.measure_and_replace(key, |state| {
+            let state = state.map_or(0, Nanos::as_u64);
+            let (paid_off, limited) = (state & !SLIP_COUNT, state & SLIP_COUNT);
+            let after =
+                (paid_off.max(now) + shared.interval).min(now + shared.credit + shared.debt);
+            let (debit, limited) = if after <= now + shared.credit {
+                (Debit::InCredit, limited)
+            } else if shared.slip > 0 && limited + 1 >= u64::from(shared.slip) {
+                (Debit::Slip, 0)
+            } else {
+                (Debit::Drop, (limited + 1).min(SLIP_COUNT))
+            };
+            Ok((debit, Nanos::new((after & !SLIP_COUNT) | limited)))
         });
-        outcome.unwrap_or(false)
+        outcome.unwrap_or(Debit::Drop)
     }
 
     /// One line per second at most, however many responses are limited.
@@ -557,9 +578,9 @@ impl<C: Classify> ResponseRateLimitBuilder<C> {
         self
     }
 
-    /// Every `slip`-th limited response is replaced by the classifier's
-    /// slip reply instead of dropped (BIND's `slip`, default 2; 1 slips
-    /// them all, 0 none).
+    /// Every `slip`-th limited response of an account is replaced by the
+    /// classifier's slip reply instead of dropped (BIND's `slip`, default
+    /// 2; 1 slips them all, 0 none; at most 255).
     ///
     /// # Example
     ///
@@ -717,6 +738,9 @@ impl<C: Classify> ResponseRateLimitBuilder<C> {
         if self.max_tracked == 0 {
             return Err(error("max_tracked", "must be at least 1"));
         }
+        if u64::from(self.slip) > SLIP_COUNT {
+            return Err(error("slip", "must be at most 255"));
+        }
         let base = tokio::time::Instant::now();
         let clock = TableClock::new(base);
         let second = 1_000_000_000u64;
@@ -734,7 +758,6 @@ impl<C: Classify> ResponseRateLimitBuilder<C> {
                 exempt: self.exempt,
                 responses_per_second: self.responses_per_second,
                 window: self.window,
-                limited_seen: AtomicU64::new(0),
                 next_log: AtomicU64::new(0),
                 sent: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),

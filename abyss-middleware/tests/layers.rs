@@ -677,3 +677,29 @@ async fn a_reply_the_budget_refuses_spends_none_of_it() {
     let stats = budget.stats();
     assert_eq!((stats.sent, stats.over_budget), (3, 1), "{stats:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_limited_account_slips_its_own_share() {
+    use abyss_middleware::rrl::ResponseRateLimit;
+    use bytes::Bytes;
+
+    let rrl = ResponseRateLimit::builder(ByFirstByte, 1).build().unwrap();
+    let (v, w): (SocketAddr, SocketAddr) = (
+        "198.51.100.7:53".parse().unwrap(),
+        "203.0.113.7:53".parse().unwrap(),
+    );
+    let answer = Bytes::from_static(b"A answer");
+    let mut slipped = [0, 0];
+    // Two flooded networks, their responses interleaved.
+    for _ in 0..21 {
+        for (i, peer) in [v, w].into_iter().enumerate() {
+            if let Ok(Some(reply)) = rrl.decide(peer, answer.clone())
+                && reply != answer
+            {
+                slipped[i] += 1;
+            }
+        }
+    }
+    // One sent each, then 20 limited each: every second one slips.
+    assert_eq!(slipped, [10, 10]);
+}

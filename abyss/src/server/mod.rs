@@ -967,7 +967,10 @@ impl Builder {
     }
 
     /// Caps the replies the whole server sends per second, and their
-    /// bytes, whatever their sources: a flood spread over many (spoofed)
+    /// bytes, whatever their sources (replies returned by the service;
+    /// what a handler sends itself through a
+    /// [`SendHandle`](crate::SendHandle) is its own to count): a flood
+    /// spread over many (spoofed)
     /// sources, each under its own quota, is capped in total. Replies over
     /// it are not sent, counted as [`Drops::over_budget`]. Peers the
     /// budget's [`exempt`](crate::middleware::ReplyBudgetBuilder::exempt)

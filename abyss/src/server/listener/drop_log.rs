@@ -128,7 +128,10 @@ fn hint(outcome: Outcome) -> Option<(bool, &'static str)> {
             true,
             "too many requests in flight, shed (Builder::concurrency_shed or a load-shedding layer)",
         ),
-        Outcome::Layer(DropReason::RateLimited) => (false, "the peer is over its rate limit"),
+        Outcome::Layer(DropReason::RateLimited) => (
+            false,
+            "over a rate limit: the peer's or its network's, or its network's replies of one kind (response rate limiting)",
+        ),
         Outcome::Layer(DropReason::Amplification) => (
             false,
             "the reply was over the amplification limit for a peer not yet validated",
