@@ -9,6 +9,11 @@
 //! it shuts down gracefully and prints the final counters on one line.
 //! `RUST_LOG=abyss=trace` shows every datagram.
 //!
+//! Restarted without losing a datagram: the running one offers its
+//! sockets with `--handover-socket PATH`; `echo --take-over PATH` takes
+//! them, starts serving, and the old one finishes what it has in flight and
+//! exits 0 (add `--handover-socket PATH` to the new one for the next time).
+//!
 //! Socket-activated (systemd's `ListenDatagram=`, or
 //! `systemd-socket-activate --datagram -l 127.0.0.1:4000 echo`), it serves
 //! the socket it is given, with a listener per socket, and ignores
@@ -80,6 +85,15 @@ struct Args {
     /// runtime's workers).
     #[arg(long, default_value = "auto", value_parser = ["auto", "inline", "spawn"])]
     dispatch: String,
+    /// Offer this server's sockets at this Unix socket path: a successor
+    /// started with `--take-over PATH` takes them, and this one finishes
+    /// what it has in flight and exits, with no datagram lost.
+    #[arg(long, value_name = "PATH")]
+    handover_socket: Option<std::path::PathBuf>,
+    /// Take the sockets of the server offering them at this Unix socket
+    /// path (its `--handover-socket`) instead of binding.
+    #[arg(long, value_name = "PATH")]
+    take_over: Option<std::path::PathBuf>,
     /// Serve with no middleware at all (not even the packet-size limit).
     #[arg(long, conflicts_with_all = ["rate_limit", "timeout_ms", "concurrency_shed", "trace"])]
     no_layers: bool,
@@ -144,6 +158,21 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(sockets) = abyss::transport::BoundSockets::from_systemd()? {
         builder = builder.bound_sockets(sockets);
     }
+    // Taking over from a running server: serve its sockets.
+    let predecessor = match &args.take_over {
+        Some(path) => {
+            let path = path.clone();
+            let (sockets, stream) = tokio::task::spawn_blocking(move || {
+                let stream = std::os::unix::net::UnixStream::connect(path)?;
+                let sockets = abyss::transport::BoundSockets::receive(&stream)?;
+                Ok::<_, std::io::Error>((sockets, stream))
+            })
+            .await??;
+            builder = builder.bound_sockets(sockets);
+            Some(stream)
+        }
+        None => None,
+    };
     builder = builder.dispatch(match args.dispatch.as_str() {
         "inline" => Dispatch::Inline,
         "spawn" => Dispatch::Spawn,
@@ -157,9 +186,53 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Ok::<_, Infallible>(Some(request.into_payload()))
     });
     let handle = builder.serve(echo).await?;
+    if let Some(stream) = &predecessor {
+        abyss::successor_ready(stream)?;
+    }
     println!("listening on {}", handle.local_addr());
 
-    let report = handle.shutdown_on(stop).await;
+    let report = match args.handover_socket {
+        Some(path) => {
+            // A successor that took over may offer its own at the same
+            // path: the old one's file goes first.
+            let _ = std::fs::remove_file(&path);
+            let offers = tokio::net::UnixListener::bind(&path)?;
+            let report = tokio::select! {
+                report = handle.shutdown_on(stop) => report,
+                report = hand_over(&handle, &offers) => report,
+            };
+            let _ = std::fs::remove_file(&path);
+            report
+        }
+        None => handle.shutdown_on(stop).await,
+    };
     println!("{}", abyss_examples::summary(&handle.stats(), &report));
     Ok(())
+}
+
+/// Hands the sockets to the first successor that takes them; a successor
+/// that fails midway leaves this server serving, for the next one.
+async fn hand_over(
+    handle: &abyss::ServerHandle,
+    offers: &tokio::net::UnixListener,
+) -> abyss::DrainReport {
+    loop {
+        let stream = match offers.accept().await {
+            Ok((stream, _)) => stream.into_std().and_then(|stream| {
+                stream.set_nonblocking(false)?;
+                Ok(stream)
+            }),
+            Err(error) => Err(error),
+        };
+        match stream {
+            Ok(stream) => match handle.hand_over(stream).await {
+                Ok(report) => {
+                    eprintln!("handed over to a successor");
+                    return report;
+                }
+                Err(error) => eprintln!("handover failed, still serving: {error}"),
+            },
+            Err(error) => eprintln!("handover connection failed: {error}"),
+        }
+    }
 }

@@ -1199,3 +1199,121 @@ async fn a_replaced_service_finishes_what_it_has_in_flight_and_the_new_one_takes
     assert_eq!(reloader.generation(), 1);
     handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_under_steady_traffic_loses_no_datagram() {
+    use abyss::transport::BoundSockets;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let old = Server::bind("127.0.0.1:0")
+        .listeners(2)
+        .serve(echo())
+        .await
+        .unwrap();
+    let addr = old.local_addr();
+    const PEERS: usize = 4;
+    const EACH: u64 = 400;
+    let answered = Arc::new(AtomicU64::new(0));
+    let slowest = Arc::new(AtomicU64::new(0));
+    let (halfway, mut started) = mpsc::unbounded_channel();
+    let mut peers = tokio::task::JoinSet::new();
+    for _ in 0..PEERS {
+        let (answered, slowest, halfway) = (answered.clone(), slowest.clone(), halfway.clone());
+        peers.spawn(async move {
+            let socket = client().await;
+            let mut buf = [0u8; 64];
+            for i in 0..EACH {
+                if i == EACH / 4 {
+                    let _ = halfway.send(());
+                }
+                let sent = tokio::time::Instant::now();
+                socket.send_to(&i.to_be_bytes(), addr).await.unwrap();
+                // One in flight per peer: a lost datagram shows as no reply.
+                let (n, _) = tokio::time::timeout(PATIENCE, socket.recv_from(&mut buf))
+                    .await
+                    .expect("every datagram answered")
+                    .unwrap();
+                assert_eq!(&buf[..n], &i.to_be_bytes());
+                answered.fetch_add(1, Ordering::Relaxed);
+                let took = sent.elapsed().as_micros() as u64;
+                slowest.fetch_max(took, Ordering::Relaxed);
+            }
+        });
+    }
+    // A quarter of the way in, a successor takes the port over.
+    started.recv().await.unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let handing = tokio::spawn({
+        let old = old.clone();
+        async move { old.hand_over(ours).await }
+    });
+    let (sockets, stream) = tokio::task::spawn_blocking(move || {
+        BoundSockets::receive(&theirs).map(|sockets| (sockets, theirs))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(sockets.len(), 2, "every listener's socket");
+    let new = Server::builder()
+        .bound_sockets(sockets)
+        .serve(echo())
+        .await
+        .unwrap();
+    abyss::successor_ready(&stream).unwrap();
+    let report = handing.await.unwrap().unwrap();
+    assert_eq!(report.aborted, 0);
+    assert_eq!(old.state(), abyss::ServerState::Stopped);
+    while let Some(done) = peers.join_next().await {
+        done.unwrap();
+    }
+    let total = PEERS as u64 * EACH;
+    assert_eq!(answered.load(Ordering::Relaxed), total);
+    let (before, after) = (old.stats(), settled(&new).await);
+    assert_eq!(
+        before.replied + after.replied,
+        total,
+        "old {before:?} new {after:?}"
+    );
+    assert!(after.replied > 0, "the successor served");
+    assert_eq!(
+        before.unread_at_close, 0,
+        "nothing left unread in a handed-over socket"
+    );
+    println!(
+        "reliability: handover | {PEERS} peers x {EACH} datagrams, 1 in flight each, 2 listeners | sockets handed to a successor a quarter of the way in | sent={total} replied={} (old {}, new {}) slowest round trip {} us | unaccounted=0",
+        before.replied + after.replied,
+        before.replied,
+        after.replied,
+        slowest.load(Ordering::Relaxed)
+    );
+    new.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_goes_away_before_it_serves_leaves_the_server_serving() {
+    use std::os::unix::net::UnixStream;
+
+    let old = Server::bind("127.0.0.1:0").serve(echo()).await.unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let handing = tokio::spawn({
+        let old = old.clone();
+        async move { old.hand_over(ours).await }
+    });
+    // The successor takes the sockets, then dies before it serves them.
+    tokio::task::spawn_blocking(move || {
+        let sockets = abyss::transport::BoundSockets::receive(&theirs).unwrap();
+        drop((sockets, theirs));
+    })
+    .await
+    .unwrap();
+    let error = handing.await.unwrap().unwrap_err();
+    assert!(matches!(error, abyss::Error::Handover { .. }), "{error}");
+    assert_eq!(old.state(), abyss::ServerState::Serving);
+    let socket = client().await;
+    assert_eq!(
+        ask(&socket, old.local_addr(), b"still mine").await,
+        b"still mine"
+    );
+    old.shutdown().await;
+}

@@ -127,6 +127,52 @@ impl BoundSockets {
         Self::new(sockets).map(Some)
     }
 
+    /// Receives the sockets a running server hands over on `stream` (its
+    /// end of a Unix stream connection; see `ServerHandle::hand_over` in
+    /// `abyss`): a process taking over a port starts serving the very
+    /// sockets its predecessor reads, so no datagram finds the port without
+    /// a reader. Blocks until they come.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the stream reports; `InvalidData` when what came is not a
+    /// set of datagram sockets bound to one address.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::os::fd::AsFd;
+    /// use std::os::unix::net::UnixStream;
+    /// use abyss_transport::BoundSockets;
+    ///
+    /// let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    /// let (ours, theirs) = UnixStream::pair()?;
+    /// BoundSockets::send(&ours, &[socket.as_fd()])?;
+    /// let received = BoundSockets::receive(&theirs)?;
+    /// assert_eq!(received.local_addr(), socket.local_addr()?);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[cfg(unix)]
+    pub fn receive(stream: &std::os::unix::net::UnixStream) -> io::Result<Self> {
+        let sockets = passing::receive(stream)?;
+        Self::new(sockets).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Sends `sockets` on `stream`, for [`receive`](Self::receive) at the
+    /// other end (the descriptors are duplicated into the receiving
+    /// process: both share the sockets until one closes its copies).
+    ///
+    /// # Example
+    ///
+    /// See [`receive`](Self::receive).
+    #[cfg(unix)]
+    pub fn send(
+        stream: &std::os::unix::net::UnixStream,
+        sockets: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        passing::send(stream, sockets)
+    }
+
     /// Options for the sockets bound later on the same address (after a
     /// suspend, or to replace a failed listener). Default: `UdpOptions::new()`.
     ///
@@ -254,6 +300,87 @@ mod systemd {
             socket.set_cloexec(true)?;
             // SAFETY: as above; from here the socket owns the descriptor.
             sockets.push(unsafe { std::net::UdpSocket::from_raw_fd(fd) });
+        }
+        Ok(sockets)
+    }
+}
+
+/// Passing socket descriptors over a Unix stream (`SCM_RIGHTS`).
+#[cfg(unix)]
+mod passing {
+    #![allow(unsafe_code)]
+
+    use std::io::{self, IoSlice, IoSliceMut};
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
+    use std::os::unix::net::UnixStream;
+
+    use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+    /// Descriptors passed at most in one handover (listeners of a group).
+    const MAX: usize = 256;
+
+    pub(super) fn send(stream: &UnixStream, sockets: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if sockets.is_empty() || sockets.len() > MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "1 to {MAX} sockets can be handed over, not {}",
+                    sockets.len()
+                ),
+            ));
+        }
+        let fds: Vec<RawFd> = sockets.iter().map(AsRawFd::as_raw_fd).collect();
+        // One byte of data carries the descriptors: its count.
+        let count = [u8::try_from(fds.len() - 1).unwrap_or(u8::MAX)];
+        let data = [IoSlice::new(&count)];
+        sendmsg::<()>(
+            stream.as_raw_fd(),
+            &data,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn receive(stream: &UnixStream) -> io::Result<Vec<std::net::UdpSocket>> {
+        let mut count = [0u8; 1];
+        let mut data = [IoSliceMut::new(&mut count)];
+        let mut space = nix::cmsg_space!([RawFd; MAX]);
+        let message = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut data,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for control in message.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(passed) = control {
+                fds.extend(passed);
+            }
+        }
+        // SAFETY: the kernel installed these descriptors in this process
+        // for this message; nothing else owns them.
+        let owned: Vec<std::os::fd::OwnedFd> = fds
+            .into_iter()
+            .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+            .collect();
+        if message.bytes == 0 || owned.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the stream closed before any socket came",
+            ));
+        }
+        let mut sockets = Vec::with_capacity(owned.len());
+        for fd in owned {
+            let kind = socket2::SockRef::from(&fd).r#type()?;
+            if kind != socket2::Type::DGRAM {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a descriptor handed over is not a datagram socket",
+                ));
+            }
+            sockets.push(std::net::UdpSocket::from(fd));
         }
         Ok(sockets)
     }

@@ -426,6 +426,28 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn stop_receiving(&self) -> io::Result<()> {
         self.inner().map_or(Ok(()), Transport::stop_receiving)
     }
+
+    /// The operating system's socket under this transport, if it has one:
+    /// what a server hands to a successor process
+    /// ([`BoundSockets::receive`](crate::BoundSockets::receive)). The
+    /// default is the [`inner`](Transport::inner) transport's, or none.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::{Transport, UdpOptions, UdpTransport};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let udp = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), &UdpOptions::new())?;
+    /// assert!(udp.socket().is_some());
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(unix)]
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.inner().and_then(Transport::socket)
+    }
 }
 
 macro_rules! forward_transport {
@@ -456,6 +478,11 @@ macro_rules! forward_transport {
 
                 fn inner(&self) -> Option<&dyn Transport> {
                     (**self).inner()
+                }
+
+                #[cfg(unix)]
+                fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+                    (**self).socket()
                 }
 
                 fn max_receive_batch(&self) -> usize {

@@ -1164,6 +1164,11 @@ impl Transport for UdpTransport {
     /// readable, and receives from then on read the socket directly rather
     /// than wait for readiness. Elsewhere (where a connected socket cannot
     /// send to other addresses) this does nothing.
+    #[cfg(unix)]
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.io))
+    }
+
     fn stop_receiving(&self) -> io::Result<()> {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {

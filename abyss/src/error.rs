@@ -45,6 +45,15 @@ pub enum Error {
         /// The state the server is in.
         state: crate::ServerState,
     },
+    /// The sockets could not be handed to a successor
+    /// ([`ServerHandle::hand_over`](crate::ServerHandle::hand_over)); the
+    /// server goes on serving.
+    #[error("cannot hand the sockets over")]
+    Handover {
+        /// What went wrong: the stream, or the successor going away.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {

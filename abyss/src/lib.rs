@@ -13,6 +13,8 @@ mod signal;
 pub use abyss_middleware::IntoReply;
 pub use error::Error;
 pub use request::{Request, SendHandle};
+#[cfg(unix)]
+pub use server::successor_ready;
 pub use server::{
     Builder, DEFAULT_MAX_DATAGRAM_SIZE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PACKET_SIZE,
     DEFAULT_SHUTDOWN_TIMEOUT, Dispatch, DrainReport, Drops, Server, ServerHandle, ServerState,

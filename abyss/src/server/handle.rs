@@ -440,6 +440,135 @@ impl ServerHandle {
         report
     }
 
+    /// Hands this server's sockets to a successor process, then shuts down
+    /// without losing a datagram: a restart or an upgrade with the port
+    /// never unread.
+    ///
+    /// The sequence, on `stream` (a Unix stream connection to the
+    /// successor):
+    /// 1. this server sends its sockets (every listener's, `SCM_RIGHTS`:
+    ///    the successor gets descriptors of the very same sockets);
+    /// 2. the successor serves them
+    ///    ([`BoundSockets::receive`](crate::transport::BoundSockets::receive),
+    ///    [`Builder::bound_sockets`](crate::Builder::bound_sockets)) and
+    ///    says so with [`successor_ready`]: from then both read the
+    ///    sockets, each datagram going to one of them;
+    /// 3. this server stops reading, leaving the sockets as they are,
+    ///    finishes what it has in flight (up to the shutdown timeout), runs
+    ///    its shutdown hooks, and returns its [`DrainReport`]. What is
+    ///    queued in the sockets is the successor's to read.
+    ///
+    /// If the successor goes away before it says it is ready (or does not
+    /// say so within the shutdown timeout, at least 10 s), this fails with
+    /// [`Error::Handover`] and the server goes on serving. A successor that
+    /// dies after it said so leaves the port with no reader: start the next
+    /// one before that matters.
+    ///
+    /// # Example
+    ///
+    /// Two servers in one process, for the example: the second takes over
+    /// the first's port.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use std::os::unix::net::UnixStream;
+    /// use abyss::successor_ready;
+    /// use abyss::transport::BoundSockets;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let echo = service_fn(|r: Request| async move { Ok::<_, Infallible>(r.into_payload()) });
+    /// let old = Server::bind("127.0.0.1:0").serve(echo.clone()).await?;
+    /// let addr = old.local_addr();
+    ///
+    /// let (ours, theirs) = UnixStream::pair()?;
+    /// let handing = tokio::spawn({
+    ///     let old = old.clone();
+    ///     async move { old.hand_over(ours).await }
+    /// });
+    /// // The successor (another process, usually).
+    /// let sockets = tokio::task::spawn_blocking(move || {
+    ///     BoundSockets::receive(&theirs).map(|sockets| (sockets, theirs))
+    /// })
+    /// .await??;
+    /// let (sockets, stream) = sockets;
+    /// let new = Server::builder().bound_sockets(sockets).serve(echo).await?;
+    /// successor_ready(&stream)?;
+    ///
+    /// let report = handing.await??;
+    /// assert_eq!(report.aborted, 0);
+    /// assert_eq!(new.local_addr(), addr);
+    /// let reply = abyss::client::send_recv(addr, b"still here", std::time::Duration::from_secs(5)).await?;
+    /// assert_eq!(reply, "still here");
+    /// new.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(unix)]
+    pub async fn hand_over(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+    ) -> Result<DrainReport, Error> {
+        let handover = |source: io::Error| Error::Handover { source };
+        {
+            let lifecycle = self.inner.lifecycle.lock().await;
+            let Phase::Running(listeners) = &lifecycle.phase else {
+                return Err(Error::State {
+                    state: self.state(),
+                });
+            };
+            // Copies of the descriptors, so that what is sent does not
+            // depend on the listeners meanwhile.
+            let mut sockets = Vec::with_capacity(listeners.len());
+            for listener in listeners {
+                let socket = listener
+                    .control
+                    .transport()
+                    .and_then(|transport| transport.socket().map(|fd| fd.try_clone_to_owned()))
+                    .ok_or_else(|| {
+                        handover(io::Error::other(
+                            "a listener's transport has no socket to hand over",
+                        ))
+                    })?
+                    .map_err(handover)?;
+                sockets.push(socket);
+            }
+            let wait = self
+                .inner
+                .config
+                .shutdown_timeout
+                .max(std::time::Duration::from_secs(10));
+            tokio::task::spawn_blocking(move || -> io::Result<()> {
+                use std::io::Read;
+                use std::os::fd::AsFd;
+                let borrowed: Vec<_> = sockets.iter().map(AsFd::as_fd).collect();
+                crate::transport::BoundSockets::send(&stream, &borrowed)?;
+                stream.set_read_timeout(Some(wait))?;
+                let mut word = [0u8; 1];
+                match (&stream).read(&mut word)? {
+                    1 if word == READY => Ok(()),
+                    _ => Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the successor went away before it was serving",
+                    )),
+                }
+            })
+            .await
+            .map_err(|join| handover(io::Error::other(join)))?
+            .map_err(handover)?;
+            // The successor reads the sockets: stop reading them, without
+            // touching them.
+            if let Phase::Running(listeners) = &lifecycle.phase {
+                for listener in listeners {
+                    listener.control.hand_over();
+                }
+            }
+        }
+        tracing::info!(target: LISTENER, local = %self.local_addr(), "sockets handed over");
+        Ok(self.shutdown().await)
+    }
+
     /// Closes the sockets: listeners stop reading, finish what is in flight
     /// (up to the shutdown timeout, aborting the rest), then close, so the
     /// port stops answering and another process can bind it. Counters are
@@ -699,6 +828,7 @@ impl Inner {
         let busy = Arc::new(super::listener::placement::Busy::new(config.listeners));
         for (index, transport) in transports.into_iter().enumerate().take(config.listeners) {
             let control = Arc::new(Control::default());
+            control.set_transport(transport.clone());
             let settings = Settings {
                 index,
                 max_in_flight: config.share(index),
@@ -804,6 +934,7 @@ async fn supervise(
             };
         };
         transport = fresh;
+        control.set_transport(transport.clone());
         match (inner.spawn)(
             transport.clone(),
             control.clone(),
@@ -843,4 +974,21 @@ async fn stop(listeners: Vec<Running>) -> DrainReport {
         }
     }
     report
+}
+
+/// What a successor says, once it serves the sockets handed over.
+#[cfg(unix)]
+const READY: [u8; 1] = *b"R";
+
+/// Tells the server handing its sockets over on `stream` that the
+/// successor now serves them: the server then stops reading and shuts down
+/// (see [`ServerHandle::hand_over`]).
+///
+/// # Example
+///
+/// See [`ServerHandle::hand_over`].
+#[cfg(unix)]
+pub fn successor_ready(stream: &std::os::unix::net::UnixStream) -> io::Result<()> {
+    use std::io::Write;
+    (&*stream).write_all(&READY)
 }

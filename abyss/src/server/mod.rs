@@ -15,6 +15,8 @@ use std::time::Duration;
 use tower::timeout::TimeoutLayer;
 use tower::{BoxError, Service, ServiceBuilder};
 
+#[cfg(unix)]
+pub use handle::successor_ready;
 pub use handle::{DrainReport, ServerHandle, ServerState};
 pub use stats::{Drops, Stats};
 

@@ -46,11 +46,16 @@ const BUDGET: usize = 256;
 /// transport may move fewer: see `Transport::max_receive_batch`).
 const MAX_BATCH: usize = 32;
 
-/// Tells a listener to stop reading and drain.
+/// Tells a listener to stop reading and drain; knows its socket.
 #[derive(Debug, Default)]
 pub(crate) struct Control {
     draining: AtomicBool,
+    /// The socket was handed to another process, which reads it now: stop
+    /// reading, but leave the socket as it is (it is shared).
+    handed_over: AtomicBool,
     waker: AtomicWaker,
+    /// The listener's transport, as its supervisor last started it.
+    transport: std::sync::Mutex<Option<Arc<dyn Transport>>>,
 }
 
 impl Control {
@@ -61,6 +66,27 @@ impl Control {
 
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Drains without touching the socket, which another process shares.
+    pub(crate) fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+        self.drain();
+    }
+
+    fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_transport(&self, transport: Arc<dyn Transport>) {
+        *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = Some(transport);
+    }
+
+    pub(crate) fn transport(&self) -> Option<Arc<dyn Transport>> {
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -205,8 +231,12 @@ where
         // The socket takes no new datagrams from now on: bound to one
         // address, the system gives them to the group's other sockets or
         // refuses them; bound to a wildcard address, it drops them, counted
-        // as kernel drops. What is queued is counted when it closes.
-        if let Err(error) = self.transport.stop_receiving() {
+        // as kernel drops. What is queued is counted when it closes. A
+        // socket handed over is left alone: its new owner reads it.
+        let handed_over = self.control.is_handed_over();
+        if handed_over {
+            tracing::debug!(target: LISTENER, listener = index, "listener handed over: it stops reading");
+        } else if let Err(error) = self.transport.stop_receiving() {
             tracing::debug!(target: LISTENER, listener = index, %error, "could not stop receiving before closing");
         }
         let outstanding = self.occupancy() as u64;
@@ -226,7 +256,13 @@ where
             aborted,
         };
         let counters = &self.counters[index];
-        let unread = close(&mut self.receiver, &self.transport, counters);
+        let unread = if handed_over {
+            // What is queued is the new owner's to read.
+            counters.detach(&self.transport);
+            0
+        } else {
+            close(&mut self.receiver, &self.transport, counters)
+        };
         tracing::info!(
             target: LISTENER,
             listener = index,
