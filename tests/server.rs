@@ -1317,3 +1317,33 @@ async fn a_successor_that_goes_away_before_it_serves_leaves_the_server_serving()
     );
     old.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_kernel_tells_each_datagrams_interface_tos_and_arrival_time() {
+    let handle = Server::bind("127.0.0.1:0")
+        .udp_options(UdpOptions::new().receive_tos(true).receive_timestamps(true))
+        .serve(service_fn(|request: Request| async move {
+            let age = request
+                .kernel_received_at()
+                .and_then(|at| std::time::SystemTime::now().duration_since(at).ok());
+            Ok::<_, Infallible>(format!(
+                "{:?} {:?} {}",
+                request.interface(),
+                request.tos(),
+                age.is_some_and(|age| age < Duration::from_secs(60))
+            ))
+        }))
+        .await
+        .unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // DSCP AF11 (0x28) with ECT(0) (0x02).
+    socket2::SockRef::from(&socket).set_tos_v4(0x2a).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
+    let reply = ask(&socket, handle.local_addr(), b"?").await;
+    assert_eq!(
+        std::str::from_utf8(&reply).unwrap(),
+        "Some(1) Some(42) true"
+    );
+    handle.shutdown().await;
+}

@@ -560,6 +560,15 @@ pub struct RecvMeta {
     /// The datagram did not fit its buffer and was cut short by the system.
     /// The first `len` bytes are all that is left of it.
     pub truncated: bool,
+    /// The index of the interface it arrived on, where the transport can
+    /// tell (Linux `IP_PKTINFO`, `IPV6_PKTINFO`).
+    pub interface: Option<u32>,
+    /// Its TOS (IPv4) or traffic class (IPv6) byte, DSCP and ECN, when
+    /// asked for ([`UdpOptions::receive_tos`](crate::UdpOptions::receive_tos)).
+    pub tos: Option<u8>,
+    /// When the kernel received it, when asked for
+    /// ([`UdpOptions::receive_timestamps`](crate::UdpOptions::receive_timestamps)).
+    pub timestamp: Option<std::time::SystemTime>,
 }
 
 impl Default for RecvMeta {
@@ -571,6 +580,9 @@ impl Default for RecvMeta {
             dst_ip: None,
             local_ip: None,
             truncated: false,
+            interface: None,
+            tos: None,
+            timestamp: None,
         }
     }
 }

@@ -151,6 +151,8 @@ pub struct UdpOptions {
     bind_device: Option<String>,
     gro: bool,
     gso: bool,
+    receive_timestamps: bool,
+    receive_tos: bool,
 }
 
 impl Default for UdpOptions {
@@ -194,6 +196,8 @@ impl UdpOptions {
             bind_device: None,
             gro: false,
             gso: true,
+            receive_timestamps: false,
+            receive_tos: false,
         }
     }
 
@@ -573,6 +577,43 @@ impl UdpOptions {
         self
     }
 
+    /// `SO_TIMESTAMPNS` (Linux): the kernel's time of arrival of each
+    /// datagram, in [`RecvMeta::timestamp`]: when the packet reached the
+    /// host, before any queueing in the socket. Off by default: turning it
+    /// on makes the kernel timestamp every packet.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// let options = UdpOptions::new().receive_timestamps(true);
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn receive_timestamps(mut self, on: bool) -> Self {
+        self.receive_timestamps = on;
+        self
+    }
+
+    /// `IP_RECVTOS` / `IPV6_RECVTCLASS` (Linux): each datagram's TOS or
+    /// traffic class byte (DSCP and ECN), in [`RecvMeta::tos`]. Off by
+    /// default.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::UdpOptions;
+    ///
+    /// let options = UdpOptions::new().receive_tos(true);
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn receive_tos(mut self, on: bool) -> Self {
+        self.receive_tos = on;
+        self
+    }
+
     /// Checks the options without opening a socket.
     ///
     /// # Example
@@ -675,6 +716,7 @@ impl UdpOptions {
             socket.set_multicast_if_v6(interface)?;
         }
         imp::enable_metadata(&socket, addr)?;
+        imp::enable_extra_metadata(&socket, addr, self.receive_timestamps, self.receive_tos)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         for m in &self.multicast_v4 {

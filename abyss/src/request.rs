@@ -33,6 +33,7 @@ pub struct Request {
     local: SocketAddr,
     payload: Bytes,
     received_at: Instant,
+    arrival: Arrival,
     extensions: Extensions,
     sender: SendHandle,
 }
@@ -59,6 +60,7 @@ impl Request {
             local,
             payload,
             received_at: Instant::now(),
+            arrival: Arrival::default(),
             extensions: Extensions::new(),
             sender,
         }
@@ -77,6 +79,7 @@ impl Request {
             local,
             payload,
             received_at,
+            arrival: Arrival::default(),
             extensions: Extensions::new(),
             sender,
         }
@@ -132,6 +135,82 @@ impl Request {
     /// ```
     pub fn proxy(&self) -> Option<SocketAddr> {
         self.proxy
+    }
+
+    /// What the kernel said of the datagram's arrival.
+    pub(crate) fn with_arrival(mut self, arrival: Arrival) -> Self {
+        self.arrival = arrival;
+        self
+    }
+
+    /// The index of the network interface the datagram arrived on, where
+    /// the transport can tell (Linux; `if_indextoname` gives its name).
+    /// `None` from [`Request::new`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use abyss::{Request, Server, service_fn};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let where_from = service_fn(|r: Request| async move {
+    ///     Ok::<_, Infallible>(format!("{:?}", r.interface()))
+    /// });
+    /// let handle = Server::bind("127.0.0.1:0").serve(where_from).await?;
+    /// let reply = abyss::client::send_recv(handle.local_addr(), b"?", std::time::Duration::from_secs(5)).await?;
+    /// # #[cfg(target_os = "linux")]
+    /// assert_eq!(reply, "Some(1)", "loopback is interface 1 on Linux");
+    /// # handle.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn interface(&self) -> Option<u32> {
+        self.arrival.interface
+    }
+
+    /// The datagram's TOS (IPv4) or traffic class (IPv6) byte, DSCP and
+    /// ECN, when the server's UDP options ask for it
+    /// ([`UdpOptions::receive_tos`](crate::UdpOptions::receive_tos)).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::{Request, SendHandle};
+    ///
+    /// let request = Request::new(
+    ///     "192.0.2.7:5000".parse().unwrap(),
+    ///     "192.0.2.1:53".parse().unwrap(),
+    ///     abyss::Bytes::from_static(b"hello"),
+    ///     SendHandle::detached(),
+    /// );
+    /// assert_eq!(request.tos(), None);
+    /// ```
+    pub fn tos(&self) -> Option<u8> {
+        self.arrival.tos
+    }
+
+    /// When the kernel received the datagram, when the server's UDP options
+    /// ask for it ([`UdpOptions::receive_timestamps`](crate::UdpOptions::receive_timestamps)):
+    /// before it waited in the socket's queue, unlike
+    /// [`received_at`](Self::received_at).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss::{Request, SendHandle};
+    ///
+    /// let request = Request::new(
+    ///     "192.0.2.7:5000".parse().unwrap(),
+    ///     "192.0.2.1:53".parse().unwrap(),
+    ///     abyss::Bytes::from_static(b"hello"),
+    ///     SendHandle::detached(),
+    /// );
+    /// assert_eq!(request.kernel_received_at(), None);
+    /// ```
+    pub fn kernel_received_at(&self) -> Option<std::time::SystemTime> {
+        self.arrival.timestamp
     }
 
     /// Records that the datagram came through `self.peer` on behalf of
@@ -547,4 +626,12 @@ impl Transport for Closed {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Err(closed())
     }
+}
+
+/// What the kernel said of a datagram's arrival.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Arrival {
+    pub(crate) interface: Option<u32>,
+    pub(crate) tos: Option<u8>,
+    pub(crate) timestamp: Option<std::time::SystemTime>,
 }

@@ -24,7 +24,7 @@ use crate::{RecvMeta, Transmit};
 /// Control space per message: `in6_pktinfo` (20 bytes) and `in_pktinfo`
 /// (12) and the GRO segment size (4), each behind a 16-byte header, rounded
 /// up.
-const CONTROL: usize = 96;
+const CONTROL: usize = 160;
 
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
@@ -121,6 +121,7 @@ unsafe fn decode_control(header: &libc::msghdr, meta: &mut RecvMeta) {
                 meta.local_ip = Some(IpAddr::V4(Ipv4Addr::from(
                     info.ipi_spec_dst.s_addr.to_ne_bytes(),
                 )));
+                meta.interface = u32::try_from(info.ipi_ifindex).ok().filter(|&i| i != 0);
             }
             (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
                 // SAFETY: an IPV6_PKTINFO payload is an `in6_pktinfo`.
@@ -131,6 +132,25 @@ unsafe fn decode_control(header: &libc::msghdr, meta: &mut RecvMeta) {
                 // destination (a multicast one is no source: whoever replies
                 // checks with `is_unicast`).
                 meta.local_ip = Some(dst);
+                meta.interface = Some(info.ipi6_ifindex).filter(|&i| i != 0);
+            }
+            (libc::IPPROTO_IP, libc::IP_TOS) => {
+                // SAFETY: an IP_TOS payload on receive is one byte.
+                meta.tos = Some(unsafe { ptr::read_unaligned(data) });
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
+                // SAFETY: an IPV6_TCLASS payload is an `int`.
+                let class = unsafe { ptr::read_unaligned(data.cast::<libc::c_int>()) };
+                meta.tos = u8::try_from(class).ok();
+            }
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
+                // SAFETY: an SCM_TIMESTAMPNS payload is a `timespec`.
+                let at = unsafe { ptr::read_unaligned(data.cast::<libc::timespec>()) };
+                if let (Ok(secs), Ok(nanos)) = (u64::try_from(at.tv_sec), u32::try_from(at.tv_nsec))
+                {
+                    meta.timestamp = std::time::UNIX_EPOCH
+                        .checked_add(std::time::Duration::new(secs, nanos.min(999_999_999)));
+                }
             }
             (libc::SOL_UDP, libc::UDP_GRO) => {
                 // SAFETY: a UDP_GRO payload is the segment size, an `int`.

@@ -83,6 +83,41 @@ pub(super) fn enable_metadata(_socket: &socket2::Socket, _addr: SocketAddr) -> i
     Ok(())
 }
 
+/// Asks the kernel for each datagram's arrival time and TOS byte, when
+/// the options want them.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(super) fn enable_extra_metadata(
+    socket: &socket2::Socket,
+    addr: SocketAddr,
+    timestamps: bool,
+    tos: bool,
+) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if timestamps {
+        setsockopt(socket, sockopt::ReceiveTimestampns, &true)?;
+    }
+    if tos {
+        if addr.is_ipv4() {
+            setsockopt(socket, sockopt::IpRecvTos, &true)?;
+        } else {
+            setsockopt(socket, sockopt::Ipv6RecvTClass, &true)?;
+            // IPv4 datagrams on a dual-stack socket.
+            let _ = setsockopt(socket, sockopt::IpRecvTos, &true);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(super) fn enable_extra_metadata(
+    _socket: &socket2::Socket,
+    _addr: SocketAddr,
+    _timestamps: bool,
+    _tos: bool,
+) -> io::Result<()> {
+    Ok(())
+}
+
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub(super) use plain::{recv, send};
 

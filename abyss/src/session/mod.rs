@@ -54,7 +54,7 @@
 //!
 //! # Cost
 //!
-//! A live session holds about 1.5 KiB of heap on a 64-bit target (its
+//! A live session holds about 1.7 KiB of heap on a 64-bit target (its
 //! task, its slot in the table and a queue sized to what it holds), plus
 //! its state. A datagram to a live session locks one of 64 shards of the
 //! table, chosen by its key's hash, and its session's queue; starting or

@@ -574,7 +574,7 @@ impl<S: Session> Sessions<S, SocketAddr> {
 
 impl<S: Session, K> SessionsBuilder<S, K> {
     /// Live sessions at most (default 16 384: enough for a busy service,
-    /// while bounding the memory and tasks they hold, about 1.5 KiB each
+    /// while bounding the memory and tasks they hold, about 1.7 KiB each
     /// besides their state). When all are taken, a new peer evicts the
     /// least recently active session of the source holding the most, if
     /// that source holds at least two more than the newcomer's; else its
@@ -1025,7 +1025,9 @@ enum End {
     Evicted,
 }
 
-/// What woke a session.
+/// What woke a session. Lives on the session's stack for one turn:
+/// boxing the datagram would allocate for each.
+#[allow(clippy::large_enum_variant)]
 enum Event {
     Datagram(Job),
     Evicted,

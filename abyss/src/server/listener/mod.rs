@@ -457,7 +457,8 @@ where
             received.payload,
             received.at,
             SendHandle::new(&self.transport),
-        );
+        )
+        .with_arrival(received.arrival);
         let service = &mut self.service;
         let future = match catch_unwind(AssertUnwindSafe(|| service.call(request))) {
             Ok(future) => future,

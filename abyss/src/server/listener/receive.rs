@@ -44,6 +44,8 @@ pub(super) struct Received {
     pub(super) reply_from: Option<IpAddr>,
     pub(super) payload: Bytes,
     pub(super) at: Instant,
+    /// What the kernel said of its arrival.
+    pub(super) arrival: crate::request::Arrival,
 }
 
 /// What one receive call gave.
@@ -262,6 +264,11 @@ impl Receiver {
                     reply_from: super::super::policy::reply_source(meta),
                     payload,
                     at,
+                    arrival: crate::request::Arrival {
+                        interface: meta.interface,
+                        tos: meta.tos,
+                        timestamp: meta.timestamp,
+                    },
                 });
             }
         }
