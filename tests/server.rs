@@ -1347,3 +1347,48 @@ async fn the_kernel_tells_each_datagrams_interface_tos_and_arrival_time() {
     );
     handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reply_goes_out_with_the_tos_the_service_gives_it() {
+    use abyss::transport::{RecvMeta, Transmit, Transport, UdpTransport};
+    use std::future::poll_fn;
+    use std::io::IoSliceMut;
+
+    let handle = Server::bind("127.0.0.1:0")
+        .serve(service_fn(|request: Request| async move {
+            // DSCP EF for "voice", unmarked otherwise.
+            let reply = abyss::Reply::new(request.payload().clone());
+            Ok::<_, Infallible>(if request.payload().as_ref() == b"voice" {
+                reply.with_tos(46 << 2)
+            } else {
+                reply
+            })
+        }))
+        .await
+        .unwrap();
+    // A client that reads the TOS byte of what it receives.
+    let client = UdpTransport::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &UdpOptions::new().receive_tos(true),
+    )
+    .unwrap();
+    let tos_of = async |payload: &[u8]| {
+        let to = handle.local_addr();
+        poll_fn(|cx| client.poll_send(cx, &[Transmit::new(to, payload)]))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let mut meta = [RecvMeta::default()];
+        tokio::time::timeout(
+            PATIENCE,
+            poll_fn(|cx| client.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta)),
+        )
+        .await
+        .expect("a reply")
+        .unwrap();
+        meta[0].tos
+    };
+    assert_eq!(tos_of(b"voice").await, Some(0xb8));
+    assert_eq!(tos_of(b"data").await, Some(0));
+    handle.shutdown().await;
+}

@@ -80,7 +80,7 @@ pub use rate_limit::{
     PeerRateLimitLayer, PeerRateLimiter, PeerRateLimiterBuilder, RateLimitError, RateLimitStats,
     RateQuota,
 };
-pub use reply::IntoReply;
+pub use reply::{IntoReply, Reply};
 pub use size_limit::SizeLimitLayer;
 pub use trace::TraceLayer;
 

@@ -51,6 +51,120 @@ pub trait IntoReply {
     /// assert_eq!(().into_reply(), None);
     /// ```
     fn into_reply(self) -> Option<Bytes>;
+
+    /// The TOS (IPv4) or traffic class (IPv6) byte to send the reply with,
+    /// DSCP and ECN; `None` (the default) keeps the socket's. See
+    /// [`Reply::with_tos`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{IntoReply, Reply};
+    ///
+    /// assert_eq!(Reply::new("voice").with_tos(0xb8).tos(), Some(0xb8));
+    /// assert_eq!("data".tos(), None);
+    /// ```
+    fn tos(&self) -> Option<u8> {
+        None
+    }
+}
+
+/// A reply with how to send it: its TOS or traffic class byte (DSCP and
+/// ECN), for services that mark their traffic.
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+/// use abyss_middleware::Reply;
+///
+/// /// Voice frames go out as DSCP EF (46), everything else unmarked.
+/// async fn handle(voice: bool, payload: bytes::Bytes) -> Result<Reply, Infallible> {
+///     let reply = Reply::new(payload);
+///     Ok(if voice { reply.with_tos(46 << 2) } else { reply })
+/// }
+/// # let _ = handle;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    payload: Bytes,
+    tos: Option<u8>,
+}
+
+impl Reply {
+    /// A reply of `payload`, sent with the socket's TOS.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{IntoReply, Reply};
+    ///
+    /// assert_eq!(Reply::new("pong").reply_len(), 4);
+    /// ```
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self {
+            payload: payload.into(),
+            tos: None,
+        }
+    }
+
+    /// Sends it with `tos` as its TOS or traffic class byte: DSCP in the
+    /// upper six bits, ECN in the lower two.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::{IntoReply, Reply};
+    ///
+    /// let reply = Reply::new("frame").with_tos(46 << 2);
+    /// assert_eq!(reply.tos(), Some(0xb8));
+    /// ```
+    #[must_use]
+    pub fn with_tos(mut self, tos: u8) -> Self {
+        self.tos = Some(tos);
+        self
+    }
+
+    /// The payload.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_middleware::Reply;
+    ///
+    /// assert_eq!(Reply::new("pong").payload(), "pong");
+    /// ```
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+}
+
+impl IntoReply for Reply {
+    fn reply_len(&self) -> usize {
+        self.payload.len()
+    }
+
+    fn into_reply(self) -> Option<Bytes> {
+        Some(self.payload)
+    }
+
+    fn tos(&self) -> Option<u8> {
+        self.tos
+    }
+}
+
+impl IntoReply for Option<Reply> {
+    fn reply_len(&self) -> usize {
+        self.as_ref().map_or(0, Reply::reply_len)
+    }
+
+    fn into_reply(self) -> Option<Bytes> {
+        self.map(|reply| reply.payload)
+    }
+
+    fn tos(&self) -> Option<u8> {
+        self.as_ref().and_then(|reply| reply.tos)
+    }
 }
 
 macro_rules! replies {

@@ -749,6 +749,9 @@ pub struct Transmit<'a> {
     /// With GSO, `contents` holds several datagrams of this size (the last
     /// may be shorter). `None` means one datagram.
     pub segment_size: Option<usize>,
+    /// The TOS (IPv4) or traffic class (IPv6) byte to send with, DSCP and
+    /// ECN (Linux `IP_TOS` / `IPV6_TCLASS`). `None` keeps the socket's.
+    pub tos: Option<u8>,
 }
 
 impl<'a> Transmit<'a> {
@@ -769,7 +772,25 @@ impl<'a> Transmit<'a> {
             contents,
             src_ip: None,
             segment_size: None,
+            tos: None,
         }
+    }
+
+    /// Sends with `tos` as its TOS or traffic class byte (DSCP and ECN).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use abyss_transport::Transmit;
+    ///
+    /// // DSCP EF (46), for a latency-sensitive reply.
+    /// let reply = Transmit::new("192.0.2.1:5004".parse().unwrap(), b"voice").with_tos(Some(46 << 2));
+    /// assert_eq!(reply.tos, Some(0xb8));
+    /// ```
+    #[must_use]
+    pub fn with_tos(mut self, tos: Option<u8>) -> Self {
+        self.tos = tos;
+        self
     }
 
     /// Sends from `src_ip` (for example the address a request was sent to).

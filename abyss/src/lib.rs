@@ -10,7 +10,7 @@ mod server;
 pub mod session;
 mod signal;
 
-pub use abyss_middleware::IntoReply;
+pub use abyss_middleware::{IntoReply, Reply};
 pub use error::Error;
 pub use request::{Request, SendHandle};
 #[cfg(unix)]

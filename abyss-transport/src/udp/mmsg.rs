@@ -275,7 +275,16 @@ pub(super) fn send(fd: RawFd, local: SocketAddr, transmits: &[Transmit<'_>]) -> 
             .filter(|ip| wildcard && crate::is_unicast(*ip));
         // SAFETY: `header` points at `controls[i]`, CONTROL bytes long and
         // 8-byte aligned, enough for both messages written there.
-        let used = unsafe { encode_control(header, local, source, transmit.segment_size) };
+        let used = unsafe {
+            encode_control(
+                header,
+                local,
+                source,
+                transmit.segment_size,
+                transmit.tos,
+                transmit.destination,
+            )
+        };
         header.msg_controllen = used as _;
         if used == 0 {
             header.msg_control = ptr::null_mut();
@@ -291,7 +300,7 @@ pub(super) fn send(fd: RawFd, local: SocketAddr, transmits: &[Transmit<'_>]) -> 
     Ok(sent as usize)
 }
 
-/// Writes the source-address and GSO control messages, returning the bytes
+/// Writes the source-address, GSO and TOS control messages, returning the bytes
 /// used.
 ///
 /// # Safety
@@ -303,9 +312,11 @@ unsafe fn encode_control(
     local: SocketAddr,
     source: Option<IpAddr>,
     segment_size: Option<usize>,
+    tos: Option<u8>,
+    destination: SocketAddr,
 ) -> usize {
     // (level, type, payload bytes, payload length)
-    let mut items = [(0, 0, [0u8; 20], 0usize); 2];
+    let mut items = [(0, 0, [0u8; 20], 0usize); 3];
     let mut count = 0;
     if let Some(ip) = source {
         let item = match (local, ip) {
@@ -345,6 +356,22 @@ unsafe fn encode_control(
         let mut bytes = [0u8; 20];
         bytes[..2].copy_from_slice(&size.to_ne_bytes());
         items[count] = (libc::SOL_UDP, libc::UDP_SEGMENT, bytes, 2);
+        count += 1;
+    }
+    if let Some(tos) = tos {
+        let mut bytes = [0u8; 20];
+        bytes[..4].copy_from_slice(&libc::c_int::from(tos).to_ne_bytes());
+        // An IPv4 destination (also as a mapped address on a dual-stack
+        // socket) takes IP_TOS; an IPv6 one IPV6_TCLASS.
+        let v4 = match destination {
+            SocketAddr::V4(_) => true,
+            SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+        };
+        items[count] = if v4 {
+            (libc::IPPROTO_IP, libc::IP_TOS, bytes, 4)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, bytes, 4)
+        };
         count += 1;
     }
     let mut used = 0usize;

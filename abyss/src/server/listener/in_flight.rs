@@ -28,7 +28,8 @@ pin_project! {
 
 /// How handling a datagram ended.
 pub(super) enum Finished {
-    Reply(Option<Bytes>),
+    /// The reply, if any, and its TOS byte.
+    Reply(Option<Bytes>, Option<u8>),
     Failed(BoxError),
     Panicked(String),
 }
@@ -57,7 +58,10 @@ where
         let future = this.future;
         let finished = match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
             Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(Ok(response))) => Finished::Reply(response.into_reply()),
+            Ok(Poll::Ready(Ok(response))) => {
+                let tos = response.tos();
+                Finished::Reply(response.into_reply(), tos)
+            }
             Ok(Poll::Ready(Err(error))) => Finished::Failed(error.into()),
             Err(panic) => Finished::Panicked(panic_message(&*panic)),
         };

@@ -507,18 +507,19 @@ where
         #[cfg(not(feature = "metrics"))]
         let _ = done.received_at;
         match done.finished {
-            Finished::Reply(Some(payload)) => {
+            Finished::Reply(Some(payload), tos) => {
                 if answerable(done.peer) {
                     self.outbox.push(Outgoing {
                         destination: done.peer,
                         src_ip: done.reply_from,
+                        tos,
                         payload,
                     });
                 } else {
                     self.count(done.peer, Outcome::RefusedDestination);
                 }
             }
-            Finished::Reply(None) => self.count(done.peer, Outcome::NoReply),
+            Finished::Reply(None, _) => self.count(done.peer, Outcome::NoReply),
             Finished::Failed(error) => {
                 let outcome = match drop_reason(&*error) {
                     Some(reason) => Outcome::Layer(reason),

@@ -41,6 +41,7 @@ const EMSGSIZE: i32 = 90;
 pub(super) struct Outgoing {
     pub(super) destination: SocketAddr,
     pub(super) src_ip: Option<IpAddr>,
+    pub(super) tos: Option<u8>,
     pub(super) payload: Bytes,
 }
 
@@ -139,11 +140,14 @@ impl Outbox {
                     Some((start, end)) => {
                         let mut transmit =
                             Transmit::new(out.destination, &self.gso_buffer[start..end])
-                                .with_src_ip(out.src_ip);
+                                .with_src_ip(out.src_ip)
+                                .with_tos(out.tos);
                         transmit.segment_size = Some(out.payload.len());
                         transmit
                     }
-                    None => Transmit::new(out.destination, &out.payload).with_src_ip(out.src_ip),
+                    None => Transmit::new(out.destination, &out.payload)
+                        .with_src_ip(out.src_ip)
+                        .with_tos(out.tos),
                 }
             });
             let polled = transport.poll_send(cx, &transmits[..count]);
@@ -256,6 +260,7 @@ impl Outbox {
             let len = next.payload.len();
             if next.destination != first.destination
                 || next.src_ip != first.src_ip
+                || next.tos != first.tos
                 || len > size
                 || len == 0
             {
