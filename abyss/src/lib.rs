@@ -9,6 +9,7 @@ mod request;
 mod server;
 pub mod session;
 mod signal;
+pub mod upstream;
 
 pub use abyss_middleware::{IntoReply, Reply};
 pub use error::Error;
@@ -75,7 +76,7 @@ pub mod middleware {
     pub use abyss_middleware::*;
 }
 
-pub use bytes::Bytes;
+pub use bytes::{Bytes, BytesMut};
 pub use tower::{BoxError, Layer, Service, ServiceBuilder, service_fn};
 pub use transport::UdpOptions;
 

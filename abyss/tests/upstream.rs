@@ -1,0 +1,203 @@
+//! The upstream client against fake upstreams on loopback: matching,
+//! spoofed and late answers, deadlines, the outstanding bound, rotation.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use abyss::upstream::{Correlate, Upstream, UpstreamError};
+use abyss::{Bytes, BytesMut};
+use tokio::net::UdpSocket;
+use tower::{Service, ServiceExt};
+
+/// Requests and answers start with an 8-byte ID, chosen per request.
+struct Tagged(AtomicU64);
+
+impl Tagged {
+    fn new() -> Self {
+        Self(AtomicU64::new(0x5eed))
+    }
+}
+
+impl Correlate for Tagged {
+    type Key = u64;
+
+    fn prepare(&self, request: &mut BytesMut) -> Option<u64> {
+        // Not random, but unique: the tests check matching, not guessing.
+        let id = self.0.fetch_add(0x9e37_79b9, Ordering::Relaxed);
+        request.get_mut(..8)?.copy_from_slice(&id.to_be_bytes());
+        Some(id)
+    }
+
+    fn key(&self, answer: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(answer.get(..8)?.try_into().ok()?))
+    }
+}
+
+fn request(body: &[u8]) -> Bytes {
+    let mut bytes = vec![0u8; 8];
+    bytes.extend_from_slice(body);
+    Bytes::from(bytes)
+}
+
+/// An upstream that answers each request with itself, after `delay`, and
+/// records the source ports it saw.
+async fn echo_upstream(delay: Duration) -> (SocketAddr, Arc<std::sync::Mutex<Vec<SocketAddr>>>) {
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = socket.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            record.lock().unwrap().push(from);
+            let (socket, answer) = (socket.clone(), buf[..n].to_vec());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = socket.send_to(&answer, from).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_each_get_their_own_answer() {
+    let (addr, _) = echo_upstream(Duration::ZERO).await;
+    let upstream = Upstream::builder(addr, Tagged::new()).build().unwrap();
+    let mut asks = tokio::task::JoinSet::new();
+    for i in 0..500u32 {
+        let upstream = upstream.clone();
+        asks.spawn(async move {
+            let body = i.to_be_bytes();
+            let answer = upstream.oneshot(request(&body)).await.unwrap();
+            assert_eq!(&answer[8..], &body, "request {i} got its own answer");
+        });
+    }
+    while let Some(done) = asks.join_next().await {
+        done.unwrap();
+    }
+    let stats = upstream.stats();
+    assert_eq!(
+        (stats.sent, stats.answered, stats.unmatched),
+        (500, 500, 0),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_elsewhere_or_with_unknown_keys_are_dropped_and_counted() {
+    // The upstream answers late; a spoofer answers first, from another
+    // address, with every key it could guess.
+    let (addr, seen) = echo_upstream(Duration::from_millis(200)).await;
+    let upstream = Upstream::builder(addr, Tagged::new())
+        .sockets(1)
+        .build()
+        .unwrap();
+    let asking = tokio::spawn(upstream.clone().oneshot(request(b"real")));
+    // Wait until the request reached the upstream, to know its port.
+    let port = loop {
+        if let Some(from) = seen.lock().unwrap().first() {
+            break *from;
+        }
+        tokio::task::yield_now().await;
+    };
+    let spoofer = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    for id in [0x5eedu64, 1, 2] {
+        let mut forged = id.to_be_bytes().to_vec();
+        forged.extend_from_slice(b"forged");
+        spoofer.send_to(&forged, port).await.unwrap();
+    }
+    let answer = asking.await.unwrap().unwrap();
+    assert_eq!(&answer[8..], b"real");
+    // The forged datagrams were counted (they may still be in flight).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while upstream.stats().unmatched < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            upstream.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(upstream.stats().answered, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_upstream_times_out_and_a_late_answer_is_unmatched() {
+    let (addr, _) = echo_upstream(Duration::from_millis(300)).await;
+    let upstream = Upstream::builder(addr, Tagged::new())
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let error = upstream
+        .clone()
+        .oneshot(request(b"late"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, UpstreamError::TimedOut), "{error}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while upstream.stats().unmatched < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            upstream.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = upstream.stats();
+    assert_eq!((stats.timed_out, stats.answered), (1, 0), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_its_outstanding_bound_the_client_is_not_ready() {
+    let (addr, _) = echo_upstream(Duration::from_millis(300)).await;
+    let mut upstream = Upstream::builder(addr, Tagged::new())
+        .max_outstanding(2)
+        .build()
+        .unwrap();
+    let first = upstream.ready().await.unwrap().call(request(b"1"));
+    let second = upstream.ready().await.unwrap().call(request(b"2"));
+    let mut third = upstream.clone();
+    assert!(
+        futures_util::FutureExt::now_or_never(third.ready()).is_none(),
+        "two outstanding: not ready for a third"
+    );
+    first.await.unwrap();
+    // One answered: ready again.
+    tokio::time::timeout(Duration::from_secs(5), third.ready())
+        .await
+        .expect("ready once one is answered")
+        .unwrap();
+    second.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_are_replaced_by_fresh_ports_after_their_share() {
+    let (addr, seen) = echo_upstream(Duration::ZERO).await;
+    let upstream = Upstream::builder(addr, Tagged::new())
+        .sockets(1)
+        .rotate_after(10)
+        .build()
+        .unwrap();
+    for i in 0..35u32 {
+        upstream
+            .clone()
+            .oneshot(request(&i.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    let ports: std::collections::BTreeSet<u16> =
+        seen.lock().unwrap().iter().map(SocketAddr::port).collect();
+    assert_eq!(ports.len(), 4, "a fresh port every 10 requests: {ports:?}");
+    assert_eq!(upstream.stats().rotations, 3);
+}
+
+#[tokio::test]
+async fn an_unusable_upstream_is_refused_at_start() {
+    for addr in ["127.0.0.1:0", "0.0.0.0:53", "[::]:53"] {
+        let refused = Upstream::builder(addr.parse().unwrap(), Tagged::new()).build();
+        assert!(refused.is_err(), "{addr}");
+    }
+}
