@@ -110,6 +110,15 @@ pub trait Correlate: Send + Sync + 'static {
     /// The key `answer` carries; `None` for something that is not an
     /// answer (counted unmatched).
     fn key(&self, answer: &[u8]) -> Option<Self::Key>;
+
+    /// Whether `answer`, which carries the key of `request` (as sent),
+    /// answers it: the place for checks the key cannot hold (DNS: the
+    /// question, letter case included). One that does not is counted
+    /// unmatched, and the request goes on waiting. Default: yes.
+    fn accept(&self, request: &[u8], answer: &[u8]) -> bool {
+        let _ = (request, answer);
+        true
+    }
 }
 
 /// Why a request got no answer.
@@ -219,7 +228,16 @@ struct Shared<C: Correlate> {
 
 /// Requests waiting for their answer, by key: the socket each left from,
 /// and where its answer goes.
-type Pending<K> = HashMap<K, (u64, oneshot::Sender<Bytes>)>;
+type Pending<K> = HashMap<K, Waiter>;
+
+/// A request waiting for its answer.
+struct Waiter {
+    /// The socket it left from.
+    member: u64,
+    /// What was sent, for [`Correlate::accept`].
+    request: Bytes,
+    answer: oneshot::Sender<Bytes>,
+}
 
 struct Pool {
     members: Vec<Arc<Member>>,
@@ -477,15 +495,27 @@ impl<C: Correlate> Shared<C> {
         Ok(member)
     }
 
-    /// Registers a request waiting for the answer with `key` on socket
-    /// `member`; `None` if that key is already waited for.
-    fn wait_for(&self, key: &C::Key, member: u64) -> Option<oneshot::Receiver<Bytes>> {
+    /// Registers `request`, sent from socket `member`, as waiting for the
+    /// answer with `key`; `None` if that key is already waited for.
+    fn wait_for(
+        &self,
+        key: &C::Key,
+        member: u64,
+        request: Bytes,
+    ) -> Option<oneshot::Receiver<Bytes>> {
         let mut pending = self.pending();
         if pending.contains_key(key) {
             return None;
         }
-        let (sender, receiver) = oneshot::channel();
-        pending.insert(key.clone(), (member, sender));
+        let (answer, receiver) = oneshot::channel();
+        pending.insert(
+            key.clone(),
+            Waiter {
+                member,
+                request,
+                answer,
+            },
+        );
         Some(receiver)
     }
 
@@ -546,7 +576,7 @@ async fn read_answers<C: Correlate>(shared: std::sync::Weak<Shared<C>>, member: 
                     .members
                     .iter()
                     .any(|m| Arc::ptr_eq(m, &member));
-                let waited_for = shared.pending().values().any(|(id, _)| *id == member.id);
+                let waited_for = shared.pending().values().any(|w| w.member == member.id);
                 if retired && !waited_for {
                     return;
                 }
@@ -559,8 +589,14 @@ async fn read_answers<C: Correlate>(shared: std::sync::Weak<Shared<C>>, member: 
                 shared.correlate.key(answer).and_then(|key| {
                     let mut pending = shared.pending();
                     match pending.get(&key) {
-                        // Only on the socket its request left from.
-                        Some((id, _)) if *id == member.id => pending.remove(&key),
+                        // Only on the socket its request left from, and
+                        // only if it answers what was asked.
+                        Some(waiter)
+                            if waiter.member == member.id
+                                && shared.correlate.accept(&waiter.request, answer) =>
+                        {
+                            pending.remove(&key)
+                        }
                         _ => None,
                     }
                 })
@@ -568,12 +604,12 @@ async fn read_answers<C: Correlate>(shared: std::sync::Weak<Shared<C>>, member: 
                 None
             };
             match waiter {
-                Some((_, waiter)) => {
+                Some(waiter) => {
                     if arena.capacity() < answer.len() {
                         arena.reserve(answer.len().max(64 * 1024));
                     }
                     arena.extend_from_slice(answer);
-                    let _ = waiter.send(arena.split().freeze());
+                    let _ = waiter.answer.send(arena.split().freeze());
                     shared.answered.fetch_add(1, Ordering::Relaxed);
                 }
                 _ => {
@@ -611,7 +647,7 @@ impl<C: Correlate> Service<Bytes> for Core<C> {
         let shared = self.shared.clone();
         Box::pin(async move {
             let mut request = BytesMut::from(request);
-            let (answer, waiting, member) = {
+            let (answer, waiting, member, request) = {
                 let mut tries = 0;
                 loop {
                     let key = shared
@@ -619,16 +655,20 @@ impl<C: Correlate> Service<Bytes> for Core<C> {
                         .prepare(&mut request)
                         .ok_or(UpstreamError::Unprepared)?;
                     let member = shared.member().map_err(UpstreamError::Send)?;
-                    match shared.wait_for(&key, member.id) {
+                    let sent = std::mem::take(&mut request).freeze();
+                    match shared.wait_for(&key, member.id, sent.clone()) {
                         Some(receiver) => {
                             let waiting = Waiting {
                                 shared: shared.clone(),
                                 key: Some(key),
                             };
-                            break (receiver, waiting, member);
+                            break (receiver, waiting, member, sent);
                         }
                         // A key already waited for: prepare afresh (a new ID).
-                        None if tries < 16 => tries += 1,
+                        None if tries < 16 => {
+                            tries += 1;
+                            request = BytesMut::from(&sent[..]);
+                        }
                         None => return Err(UpstreamError::Unprepared),
                     }
                 }

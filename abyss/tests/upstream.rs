@@ -65,7 +65,12 @@ async fn echo_upstream(delay: Duration) -> (SocketAddr, Arc<std::sync::Mutex<Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_each_get_their_own_answer() {
     let (addr, _) = echo_upstream(Duration::ZERO).await;
-    let upstream = Upstream::builder(addr, Tagged::new()).build().unwrap();
+    // 64 outstanding at most: a burst of 500 would overflow the fake
+    // upstream's socket buffer, and a lost datagram is a timeout.
+    let upstream = Upstream::builder(addr, Tagged::new())
+        .max_outstanding(64)
+        .build()
+        .unwrap();
     let mut asks = tokio::task::JoinSet::new();
     for i in 0..500u32 {
         let upstream = upstream.clone();
