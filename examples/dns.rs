@@ -6,100 +6,259 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use abyss::{Bytes, Request};
+use abyss::upstream::{Correlate, Upstream, UpstreamError};
+use abyss::{Bytes, BytesMut, Request};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use tokio::net::UdpSocket;
+use tower::ServiceExt;
 
-/// Forwards each query to one upstream server and relays its answer.
+/// Forwards each query to an upstream server and relays its answer, on
+/// [`abyss::upstream::Upstream`].
 ///
-/// Each query leaves from a fresh socket (so the kernel picks a random
-/// source port) with a random ID; only a reply from the upstream address,
-/// with that ID and the same question, is accepted, anything else (a
-/// spoofing attempt, a late reply) is ignored. If none comes within the
-/// timeout the client gets SERVFAIL. A query that cannot be parsed gets
-/// FORMERR when its 12-byte header is there to answer, and is dropped when
-/// it is not; responses are never answered (no reflection loops).
+/// Only the header and the question are read; the query goes upstream
+/// with a random ID and the letters of its question in random case (DNS
+/// 0x20), from a pool of sockets on random ports that are replaced after
+/// 10 000 queries. An answer counts only if it comes from the upstream's
+/// address, on the socket the query left from, with its ID and its
+/// question exactly as sent (case included), or, for an error answer that
+/// carries no question, its ID; anything else is ignored. The client gets
+/// the answer with its own ID and question case. Several upstreams are
+/// tried in order when one does not answer in time; if none does, the
+/// client gets SERVFAIL.
+///
+/// Only standard queries are forwarded: another opcode (NOTIFY, UPDATE,
+/// STATUS) gets NOTIMP at once. A query that cannot be parsed gets FORMERR
+/// when its 12-byte header is there to answer, and nothing when it is not;
+/// responses (QR set) are never answered, malformed or not.
 #[derive(Debug)]
 pub struct Forwarder {
-    upstream: SocketAddr,
+    addrs: Vec<SocketAddr>,
     timeout: Duration,
+    /// The upstream clients, opened on first use (they need a runtime).
+    upstreams: std::sync::OnceLock<Vec<Upstream<DnsIds>>>,
 }
 
 impl Forwarder {
     /// Forwards to `upstream`, waiting up to `timeout` for each answer.
+    /// Its sockets are opened on first use: an unusable upstream shows as
+    /// SERVFAIL then; [`Forwarder::start`] refuses one at once.
     pub fn new(upstream: SocketAddr, timeout: Duration) -> Self {
-        Self { upstream, timeout }
+        Self {
+            addrs: vec![upstream],
+            timeout,
+            upstreams: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Forwards to `upstreams`, in order of preference, opening their
+    /// sockets now (inside a tokio runtime). Fails for an empty list, or an
+    /// upstream on port 0 or an unspecified address.
+    pub fn start(upstreams: &[SocketAddr], timeout: Duration) -> Result<Self, UpstreamError> {
+        if upstreams.is_empty() {
+            return Err(UpstreamError::Send(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no upstream to forward to",
+            )));
+        }
+        let clients = upstreams
+            .iter()
+            .map(|&addr| open_upstream(addr, timeout))
+            .collect::<Result<Vec<_>, _>>()?;
+        let forwarder = Self {
+            addrs: upstreams.to_vec(),
+            timeout,
+            upstreams: std::sync::OnceLock::new(),
+        };
+        let _ = forwarder.upstreams.set(clients);
+        Ok(forwarder)
     }
 
     /// The reply to `query`, or `None` to send nothing.
     pub async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let mut message = match Message::from_vec(query) {
-            Ok(message) => message,
-            Err(error) => {
-                tracing::debug!(%error, "malformed query");
-                let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
-                // Without a whole header there is nothing to answer.
-                query.get(11)?;
-                return Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
-                    .to_vec()
-                    .ok();
-            }
-        };
-        let id = message.metadata.id;
-        if message.metadata.message_type != MessageType::Query {
+        // Without a whole header there is nothing to answer; a response is
+        // never answered (no reflection loops between servers).
+        let header = query.get(..12)?;
+        if header[2] & 0x80 != 0 {
             return None;
         }
-        if message.queries.len() != 1 {
-            return refuse(&message, ResponseCode::FormErr);
+        let opcode = (header[2] >> 3) & 0x0f;
+        let question = question_end(query);
+        if opcode != 0 {
+            return Some(error_reply(query, question, 4)); // NOTIMP
         }
-        let question = message.queries.clone();
-        let upstream_id: u16 = rand::random();
-        message.metadata.id = upstream_id;
-        let forwarded = message.to_vec().ok()?;
-        message.metadata.id = id;
-        match self.ask_upstream(&forwarded, upstream_id, &question).await {
-            Some(mut reply) => {
-                reply.metadata.id = id;
-                reply.to_vec().ok()
+        let Some(end) = question else {
+            tracing::debug!("malformed query");
+            return Some(error_reply(query, None, 1)); // FORMERR
+        };
+        let upstreams = self.upstreams.get_or_init(|| {
+            self.addrs
+                .iter()
+                .filter_map(|&addr| match open_upstream(addr, self.timeout) {
+                    Ok(client) => Some(client),
+                    Err(error) => {
+                        tracing::warn!(%addr, %error, "unusable upstream");
+                        None
+                    }
+                })
+                .collect()
+        });
+        for upstream in upstreams {
+            match upstream
+                .clone()
+                .oneshot(Bytes::copy_from_slice(query))
+                .await
+            {
+                Ok(answer) => return Some(relay(query, end, &answer)),
+                Err(error) => tracing::debug!(%error, "upstream did not answer"),
             }
-            None => refuse(&message, ResponseCode::ServFail),
+        }
+        Some(error_reply(query, Some(end), 2)) // SERVFAIL
+    }
+}
+
+/// Opens the client of one upstream.
+fn open_upstream(addr: SocketAddr, timeout: Duration) -> Result<Upstream<DnsIds>, UpstreamError> {
+    Upstream::builder(addr, DnsIds)
+        .timeout(timeout)
+        .rotate_after(10_000)
+        .build()
+}
+
+/// Where the one question of a DNS message ends, if it has exactly one
+/// well-formed question (no compression: a question needs none).
+pub fn question_end(message: &[u8]) -> Option<usize> {
+    let header = message.get(..12)?;
+    if u16::from_be_bytes([header[4], header[5]]) != 1 {
+        return None;
+    }
+    let mut at = 12;
+    loop {
+        let len = usize::from(*message.get(at)?);
+        if len & 0xc0 != 0 || at - 12 + len > 254 {
+            return None;
+        }
+        at += 1 + len;
+        if len == 0 {
+            break;
         }
     }
+    message.get(at + 3)?; // type and class
+    Some(at + 4)
+}
 
-    async fn ask_upstream(
-        &self,
-        forwarded: &[u8],
-        upstream_id: u16,
-        question: &[hickory_proto::op::Query],
-    ) -> Option<Message> {
-        let local: SocketAddr = match self.upstream {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let socket = UdpSocket::bind(local).await.ok()?;
-        socket.send_to(forwarded, self.upstream).await.ok()?;
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut buf = vec![0u8; 65_535];
-        loop {
-            let (len, from) =
-                match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
-                    Ok(Ok(received)) => received,
-                    Ok(Err(_)) => continue, // ICMP error: keep waiting until the deadline
-                    Err(_) => {
-                        tracing::debug!(upstream = %self.upstream, "upstream timed out");
-                        return None;
-                    }
-                };
-            if from != self.upstream {
-                tracing::debug!(%from, "reply from an unexpected address ignored");
-                continue;
-            }
-            match Message::from_vec(&buf[..len]) {
-                Ok(reply) if reply.metadata.id == upstream_id && reply.queries == question => {
-                    return Some(reply);
+/// An error response to `query`: its header (ID, opcode, RD) with QR set
+/// and `rcode`, and its question if it has one that parses.
+fn error_reply(query: &[u8], question: Option<usize>, rcode: u8) -> Vec<u8> {
+    let end = question.unwrap_or(12);
+    let mut reply = query[..end].to_vec();
+    reply[2] = 0x80 | (query[2] & 0x79); // QR, opcode, RD; no AA or TC
+    reply[3] = 0x80 | rcode; // RA
+    reply[4..6].copy_from_slice(if question.is_some() { &[0, 1] } else { &[0, 0] });
+    reply[6..12].fill(0);
+    reply
+}
+
+/// The upstream's `answer` as the client's: its ID, and its question in
+/// the client's letter case.
+fn relay(query: &[u8], question_end: usize, answer: &[u8]) -> Vec<u8> {
+    let mut reply = answer.to_vec();
+    reply[..2].copy_from_slice(&query[..2]);
+    if question_end <= reply.len() && reply.get(4..6) == Some(&[0, 1]) {
+        reply[12..question_end].copy_from_slice(&query[12..question_end]);
+    }
+    reply
+}
+
+/// DNS for [`Upstream`]: a random ID and a random letter case for the
+/// question of each query; an answer must carry both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DnsIds;
+
+impl Correlate for DnsIds {
+    type Key = u16;
+
+    fn prepare(&self, query: &mut BytesMut) -> Option<u16> {
+        let end = question_end(query)?;
+        let id: u16 = rand::random();
+        query[..2].copy_from_slice(&id.to_be_bytes());
+        // 0x20: each letter of the name in a random case, 64 bits of
+        // randomness at a time. Label lengths are never letters' bytes
+        // here: they are at most 63, below 'A'.
+        let mut bits: u64 = rand::random();
+        let mut used = 0;
+        for byte in &mut query[13..end - 4] {
+            if byte.is_ascii_alphabetic() {
+                if used == 64 {
+                    bits = rand::random();
+                    used = 0;
                 }
-                _ => tracing::debug!(%from, "reply with a wrong ID or question ignored"),
+                if bits & 1 == 1 {
+                    *byte ^= 0x20;
+                }
+                bits >>= 1;
+                used += 1;
             }
+        }
+        Some(id)
+    }
+
+    fn key(&self, answer: &[u8]) -> Option<u16> {
+        let header = answer.get(..12)?;
+        // Only responses.
+        (header[2] & 0x80 != 0).then(|| u16::from_be_bytes([header[0], header[1]]))
+    }
+
+    fn accept(&self, query: &[u8], answer: &[u8]) -> bool {
+        match (question_end(query), question_end(answer)) {
+            // The question exactly as sent: name case, type and class.
+            (Some(sent), Some(got)) => sent == got && query[12..sent] == answer[12..got],
+            // An error without a question (REFUSED, NOTIMP, FORMERR...).
+            (Some(_), None) => {
+                answer.get(4..6) == Some(&[0, 0]) && answer.get(3).is_some_and(|b| b & 0x0f != 0)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Sends `query` (whose ID is `id`) to `server` from a socket of its own
+/// on a random port and waits up to `timeout` for the reply with that ID
+/// and `question`, from that address; anything else is ignored. The
+/// resolver asks each authoritative server this way.
+async fn ask_server(
+    server: SocketAddr,
+    timeout: Duration,
+    query: &[u8],
+    id: u16,
+    question: &[hickory_proto::op::Query],
+) -> Option<Message> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).await.ok()?;
+    socket.send_to(query, server).await.ok()?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (len, from) = match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await
+        {
+            Ok(Ok(received)) => received,
+            Ok(Err(_)) => continue, // ICMP error: keep waiting until the deadline
+            Err(_) => {
+                tracing::debug!(%server, "server timed out");
+                return None;
+            }
+        };
+        if from != server {
+            tracing::debug!(%from, "reply from an unexpected address ignored");
+            continue;
+        }
+        match Message::from_vec(&buf[..len]) {
+            Ok(reply) if reply.metadata.id == id && reply.queries == question => {
+                return Some(reply);
+            }
+            _ => tracing::debug!(%from, "reply with a wrong ID or question ignored"),
         }
     }
 }
@@ -423,10 +582,11 @@ impl Resolver {
             let mut query = Message::query();
             query.metadata.recursion_desired = false;
             query.add_query(Query::query(name.clone(), kind));
-            let forwarder = Forwarder::new(SocketAddr::new(*server, self.port), self.timeout);
             let id = query.metadata.id;
             let bytes = query.to_vec().ok()?;
-            if let Some(reply) = forwarder.ask_upstream(&bytes, id, &query.queries).await {
+            let server = SocketAddr::new(*server, self.port);
+            if let Some(reply) = ask_server(server, self.timeout, &bytes, id, &query.queries).await
+            {
                 return Some(reply);
             }
         }

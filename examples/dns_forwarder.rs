@@ -5,11 +5,17 @@
 //! dig @127.0.0.1 -p 5300 example.com
 //! ```
 //!
-//! Upstream source ports and IDs are random; replies are matched by upstream
-//! address, ID and question (spoofed ones are ignored); an upstream that does
-//! not answer in time gives SERVFAIL; a malformed query gets FORMERR (or
-//! nothing, without a whole header). Queries in flight are bounded by
-//! `--max-outstanding`; beyond it they are dropped and counted.
+//! Queries go upstream through `abyss::upstream` with a random ID, the
+//! question in random letter case (0x20), from a pool of random ports
+//! rotated every 10 000 queries; answers are matched by upstream address,
+//! socket, ID and exact question (spoofed ones are ignored), error answers
+//! without a question by ID. Several `--upstream`s fail over in order; if
+//! none answers in time the client gets SERVFAIL. Only standard queries
+//! are forwarded (other opcodes get NOTIMP at once); a malformed query
+//! gets FORMERR (or nothing, without a whole header); responses are never
+//! answered. An unusable upstream (port 0, an unspecified address) is
+//! refused at start. Queries in flight are bounded by `--max-outstanding`;
+//! beyond it they are dropped and counted.
 //!
 //! `--rrl-responses-per-second 5` turns on response rate limiting as BIND's
 //! `rate-limit { responses-per-second 5; }` does: identical answers to one
@@ -37,9 +43,11 @@ struct Args {
     /// Address and port to answer on.
     #[arg(long, default_value = "127.0.0.1:5300")]
     bind: SocketAddr,
-    /// Server to forward to (default: the first nameserver in /etc/resolv.conf).
+    /// Server to forward to; several, in order of preference, fail over
+    /// when one does not answer in time (default: the first nameserver in
+    /// /etc/resolv.conf).
     #[arg(long)]
-    upstream: Option<SocketAddr>,
+    upstream: Vec<SocketAddr>,
     /// Milliseconds to wait for the upstream before answering SERVFAIL.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
@@ -63,18 +71,23 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Listen for Ctrl-C and SIGTERM before saying we are ready.
     let stop = abyss::shutdown_signal();
-    let upstream = match args.upstream {
-        Some(upstream) => upstream,
-        None => std::fs::read_to_string("/etc/resolv.conf")
-            .ok()
-            .as_deref()
-            .and_then(first_nameserver)
-            .ok_or("no --upstream given and no nameserver in /etc/resolv.conf")?,
+    let upstreams = if args.upstream.is_empty() {
+        vec![
+            std::fs::read_to_string("/etc/resolv.conf")
+                .ok()
+                .as_deref()
+                .and_then(first_nameserver)
+                .ok_or("no --upstream given and no nameserver in /etc/resolv.conf")?,
+        ]
+    } else {
+        args.upstream.clone()
     };
-    let forwarder = Arc::new(Forwarder::new(
-        upstream,
+    // An upstream that cannot be used (port 0, an unspecified address) is
+    // refused here, not answered with SERVFAIL forever.
+    let forwarder = Arc::new(Forwarder::start(
+        &upstreams,
         Duration::from_millis(args.timeout_ms),
-    ));
+    )?);
     // Clients that return a good DNS cookie own their address: response
     // rate limiting spares them.
     let cookies = (args.cookie_rotation_hours > 0).then(|| {
@@ -104,7 +117,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
     println!(
-        "listening on {} forwarding to {upstream}",
+        "listening on {} forwarding to {upstreams:?}",
         handle.local_addr()
     );
     let report = handle.shutdown_on(stop).await;

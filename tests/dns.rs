@@ -713,3 +713,175 @@ async fn a_proxy_header_from_an_untrusted_source_is_refused_and_plain_datagrams_
     assert_eq!(stats.replied, 1);
     handle.shutdown().await;
 }
+
+/// A query with ID 0xabcd for `name` (labels separated by dots), type A,
+/// with `opcode`.
+fn query_for(name: &str, opcode: u8) -> Vec<u8> {
+    let mut query = vec![
+        0xab,
+        0xcd,
+        opcode << 3 | 0x01,
+        0x00,
+        0x00,
+        0x01,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    for label in name.split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    query
+}
+
+/// A forwarder in front of a fake upstream the test plays.
+async fn forwarder_before_fake(timeout: Duration) -> (abyss::ServerHandle, tokio::net::UdpSocket) {
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let forwarder = Arc::new(Forwarder::new(upstream.local_addr().unwrap(), timeout));
+    let handle = Server::bind("127.0.0.1:0")
+        .listeners(1)
+        .serve(service(forwarder))
+        .await
+        .unwrap();
+    (handle, upstream)
+}
+
+#[tokio::test]
+async fn other_opcodes_get_notimp_at_once_and_responses_get_nothing() {
+    let (handle, upstream) = forwarder_before_fake(Duration::from_secs(30)).await;
+    let socket = client().await;
+    // NOTIFY (opcode 4): answered NOTIMP at once, not relayed upstream.
+    socket
+        .send_to(&query_for("zone.example", 4), handle.local_addr())
+        .await
+        .unwrap();
+    let (reply, _) = recv_within(&socket, PATIENCE).await.expect("NOTIMP");
+    assert_eq!(&reply[..2], &[0xab, 0xcd]);
+    assert_eq!((reply[2] >> 3) & 0x0f, 4, "same opcode");
+    assert_eq!(reply[3] & 0x0f, 4, "NOTIMP");
+    // A malformed *response* is not answered (no FORMERR to a response).
+    let mut junk_response = vec![0xab, 0xcd, 0x80, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+    junk_response.extend_from_slice(&[0xff; 5]);
+    socket
+        .send_to(&junk_response, handle.local_addr())
+        .await
+        .unwrap();
+    let stats =
+        abyss_tests::wait_for_stats(&handle, "the response handled", |s| s.no_reply == 1).await;
+    assert_eq!(stats.replied, 1);
+    let mut buf = [0u8; 512];
+    let nothing =
+        tokio::time::timeout(Duration::from_millis(100), upstream.recv_from(&mut buf)).await;
+    assert!(nothing.is_err(), "nothing was relayed upstream");
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_question_goes_up_in_random_case_and_only_an_exact_echo_is_taken() {
+    let (handle, upstream) = forwarder_before_fake(Duration::from_secs(5)).await;
+    let socket = client().await;
+    let name = "abcdefghij.klmnopqrst.example";
+    socket
+        .send_to(&query_for(name, 0), handle.local_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (len, forwarder_addr) = upstream.recv_from(&mut buf).await.unwrap();
+    let forwarded = buf[..len].to_vec();
+    let sent_name = &forwarded[12..len - 4];
+    assert_ne!(
+        sent_name,
+        &query_for(name, 0)[12..len - 4],
+        "27 letters all left lower case: 1 chance in 2^27"
+    );
+    let answer = |question: &[u8], rcode: u8| {
+        let mut reply = forwarded.clone();
+        reply[12..len - 4].copy_from_slice(question);
+        reply[2] |= 0x80;
+        reply[3] = (reply[3] & 0xf0) | rcode;
+        reply
+    };
+    // The question lower-cased: a forger who does not know the case. Ignored.
+    let lowered = sent_name.to_ascii_lowercase();
+    upstream
+        .send_to(&answer(&lowered, 3), forwarder_addr)
+        .await
+        .unwrap();
+    upstream
+        .send_to(&answer(sent_name, 0), forwarder_addr)
+        .await
+        .unwrap();
+    let (reply, _) = recv_within(&socket, PATIENCE).await.expect("the answer");
+    assert_eq!(
+        reply[3] & 0x0f,
+        0,
+        "NOERROR: the exact echo, not the forgery"
+    );
+    assert_eq!(
+        &reply[12..len - 4],
+        &query_for(name, 0)[12..len - 4],
+        "the client's own case"
+    );
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_error_answer_without_a_question_is_taken_by_its_id_at_once() {
+    let (handle, upstream) = forwarder_before_fake(Duration::from_secs(30)).await;
+    let socket = client().await;
+    socket
+        .send_to(&query_for("refused.example", 0), handle.local_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (_, forwarder_addr) = upstream.recv_from(&mut buf).await.unwrap();
+    // REFUSED, header only, as some servers answer.
+    let refused = [buf[0], buf[1], 0x81, 0x85, 0, 0, 0, 0, 0, 0, 0, 0];
+    upstream.send_to(&refused, forwarder_addr).await.unwrap();
+    let (reply, _) = recv_within(&socket, PATIENCE)
+        .await
+        .expect("REFUSED, not a 30 s wait");
+    assert_eq!(&reply[..2], &[0xab, 0xcd]);
+    assert_eq!(reply[3] & 0x0f, 5, "REFUSED");
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_upstream_fails_over_to_the_next() {
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let answering = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let forwarder = Arc::new(
+        Forwarder::start(
+            &[
+                silent.local_addr().unwrap(),
+                answering.local_addr().unwrap(),
+            ],
+            Duration::from_millis(200),
+        )
+        .unwrap(),
+    );
+    let handle = Server::bind("127.0.0.1:0")
+        .listeners(1)
+        .serve(service(forwarder))
+        .await
+        .unwrap();
+    let socket = client().await;
+    socket
+        .send_to(&query_for("failover.example", 0), handle.local_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (len, from) = answering.recv_from(&mut buf).await.unwrap();
+    buf[2] |= 0x80;
+    answering.send_to(&buf[..len], from).await.unwrap();
+    let (reply, _) = recv_within(&socket, PATIENCE).await.expect("an answer");
+    assert_eq!(reply[3] & 0x0f, 0, "from the second upstream");
+    // An unusable upstream is refused at start.
+    assert!(Forwarder::start(&["0.0.0.0:53".parse().unwrap()], Duration::from_secs(1)).is_err());
+    handle.shutdown().await;
+}

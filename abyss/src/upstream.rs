@@ -129,7 +129,8 @@ pub enum UpstreamError {
     TimedOut,
     /// [`Correlate::prepare`] refused the request.
     Unprepared,
-    /// The request could not be sent.
+    /// The upstream cannot be used (an unusable address or option, at
+    /// build) or the request could not be sent; the cause is the source.
     Send(io::Error),
     /// The client's sockets are gone (its runtime shut down).
     Closed,
@@ -140,7 +141,8 @@ impl fmt::Display for UpstreamError {
         match self {
             UpstreamError::TimedOut => f.write_str("no answer from the upstream in time"),
             UpstreamError::Unprepared => f.write_str("the request could not be prepared"),
-            UpstreamError::Send(error) => write!(f, "cannot send to the upstream: {error}"),
+            // The cause is the source, not repeated here.
+            UpstreamError::Send(_) => f.write_str("cannot use the upstream"),
             UpstreamError::Closed => f.write_str("the upstream client is closed"),
         }
     }
@@ -609,8 +611,9 @@ async fn read_answers<C: Correlate>(shared: std::sync::Weak<Shared<C>>, member: 
                         arena.reserve(answer.len().max(64 * 1024));
                     }
                     arena.extend_from_slice(answer);
-                    let _ = waiter.answer.send(arena.split().freeze());
+                    // Counted before the caller can see the answer.
                     shared.answered.fetch_add(1, Ordering::Relaxed);
+                    let _ = waiter.answer.send(arena.split().freeze());
                 }
                 _ => {
                     shared.unmatched.fetch_add(1, Ordering::Relaxed);
