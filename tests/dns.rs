@@ -885,3 +885,34 @@ async fn a_silent_upstream_fails_over_to_the_next() {
     assert!(Forwarder::start(&["0.0.0.0:53".parse().unwrap()], Duration::from_secs(1)).is_err());
     handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_forger_who_knows_the_port_and_the_id_but_not_the_case_poisons_nothing() {
+    // The upstream never answers; a forger answers in its name (from its
+    // address, to the forwarder's port, with the query's ID: everything
+    // a local user watching the sockets, or a 65 536-ID blast, could get
+    // right), with the question in lower case.
+    let (handle, upstream) = forwarder_before_fake(Duration::from_millis(200)).await;
+    let socket = client().await;
+    let mut poisoned = 0;
+    for try_ in 0..20 {
+        let name = format!("poison{try_:02}.abcdefghijklmnop.example");
+        let query = query_for(&name, 0);
+        socket.send_to(&query, handle.local_addr()).await.unwrap();
+        let mut buf = [0u8; 512];
+        let (len, forwarder_addr) = upstream.recv_from(&mut buf).await.unwrap();
+        let mut forged = buf[..len].to_vec();
+        forged[2] |= 0x80;
+        forged[3] &= 0xf0; // NOERROR
+        let end = len - 4;
+        forged[12..end].make_ascii_lowercase();
+        upstream.send_to(&forged, forwarder_addr).await.unwrap();
+        let (reply, _) = recv_within(&socket, PATIENCE).await.expect("a reply");
+        match reply[3] & 0x0f {
+            2 => {} // SERVFAIL: the forgery was not taken
+            _ => poisoned += 1,
+        }
+    }
+    assert_eq!(poisoned, 0, "forged answers taken in 20 tries");
+    handle.shutdown().await;
+}
