@@ -116,6 +116,138 @@ impl Forwarder {
     }
 }
 
+impl Forwarder {
+    /// The reply to `query` received over TCP (RFC 7766): forwarded over
+    /// TCP to the upstreams in turn (a connection per query), so that a
+    /// client told to retry over TCP (TC=1) gets its whole answer. TCP
+    /// cannot be spoofed blind: the ID is kept and the case left alone.
+    pub async fn answer_over_tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let header = query.get(..12)?;
+        if header[2] & 0x80 != 0 {
+            return None;
+        }
+        let question = question_end(query);
+        if (header[2] >> 3) & 0x0f != 0 {
+            return Some(error_reply(query, question, 4)); // NOTIMP
+        }
+        let Some(end) = question else {
+            return Some(error_reply(query, None, 1)); // FORMERR
+        };
+        for &upstream in &self.addrs {
+            match tokio::time::timeout(self.timeout, ask_over_tcp(upstream, query)).await {
+                Ok(Ok(answer)) if answer.get(..2) == query.get(..2) => return Some(answer),
+                Ok(Ok(_)) => tracing::debug!(%upstream, "TCP answer with another ID"),
+                Ok(Err(error)) => tracing::debug!(%upstream, %error, "TCP upstream failed"),
+                Err(_) => tracing::debug!(%upstream, "TCP upstream timed out"),
+            }
+        }
+        Some(error_reply(query, Some(end), 2)) // SERVFAIL
+    }
+}
+
+/// One query over a TCP connection of its own: two bytes of length, then
+/// the message, each way.
+async fn ask_over_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(upstream).await?;
+    let len = u16::try_from(query.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "query too long"))?;
+    stream.write_all(&len.to_be_bytes()).await?;
+    stream.write_all(query).await?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).await?;
+    Ok(answer)
+}
+
+/// Serves DNS over TCP on `listener` with `forwarder` (RFC 7766: several
+/// length-prefixed queries per connection, answered in order), until the
+/// listener fails. Each connection is bounded to `idle` between queries.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    forwarder: Arc<Forwarder>,
+    idle: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let forwarder = forwarder.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut len = [0u8; 2];
+                match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
+                    Ok(Ok(_)) => {}
+                    _ => return,
+                }
+                let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if !matches!(
+                    tokio::time::timeout(idle, stream.read_exact(&mut query)).await,
+                    Ok(Ok(_))
+                ) {
+                    return;
+                }
+                let Some(answer) = forwarder.answer_over_tcp(&query).await else {
+                    return;
+                };
+                let Ok(len) = u16::try_from(answer.len()) else {
+                    return;
+                };
+                if stream.write_all(&len.to_be_bytes()).await.is_err()
+                    || stream.write_all(&answer).await.is_err()
+                {
+                    tracing::debug!(%peer, "TCP client went away");
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Truncates replies more than `factor` times their query for peers
+/// `validated` does not vouch for: the DNS way to refuse amplification
+/// without refusing the client, which retries over TCP (see
+/// [`serve_tcp`]). The truncated reply is the header and question with
+/// TC set.
+pub fn truncate_large<S>(
+    inner: S,
+    factor: usize,
+    validated: Arc<dyn abyss::middleware::Validate>,
+) -> impl tower::Service<
+    Request,
+    Response = Option<Bytes>,
+    Error = S::Error,
+    Future = impl Future<Output = Result<Option<Bytes>, S::Error>> + Send,
+> + Clone
++ Send
++ 'static
+where
+    S: tower::Service<Request, Response = Option<Bytes>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+{
+    use abyss::middleware::rrl::Classify;
+    tower::service_fn(move |request: Request| {
+        let mut inner = inner.clone();
+        let validated = validated.clone();
+        async move {
+            let (peer, asked) = (request.peer(), request.payload().len());
+            let reply = inner.ready().await?.call(request).await?;
+            Ok(reply.map(|reply| {
+                if reply.len() > factor.saturating_mul(asked) && !validated.is_validated(peer) {
+                    crate::dns_rrl::DnsResponses::new()
+                        .slip(&reply)
+                        .unwrap_or(reply)
+                } else {
+                    reply
+                }
+            }))
+        }
+    })
+}
+
 /// Opens the client of one upstream.
 fn open_upstream(addr: SocketAddr, timeout: Duration) -> Result<Upstream<DnsIds>, UpstreamError> {
     Upstream::builder(addr, DnsIds)

@@ -14,7 +14,10 @@
 //! are forwarded (other opcodes get NOTIMP at once); a malformed query
 //! gets FORMERR (or nothing, without a whole header); responses are never
 //! answered. An unusable upstream (port 0, an unspecified address) is
-//! refused at start. Queries in flight are bounded by `--max-outstanding`;
+//! refused at start. Answers over 3 times their query go to sources not
+//! validated by a DNS cookie truncated (TC=1); such clients retry over
+//! TCP, which the forwarder serves on the same address and forwards over
+//! TCP (`--amplification-factor`, `--no-tcp`). Queries in flight are bounded by `--max-outstanding`;
 //! beyond it they are dropped and counted.
 //!
 //! `--rrl-responses-per-second 5` turns on response rate limiting as BIND's
@@ -58,6 +61,14 @@ struct Args {
     /// before stays valid for as long); 0 turns DNS cookies off.
     #[arg(long, default_value_t = 24)]
     cookie_rotation_hours: u64,
+    /// Answers more than this many times the size of their query go to
+    /// sources not yet validated (by a DNS cookie) truncated, TC=1, so the
+    /// client retries over TCP; 0 turns it off.
+    #[arg(long, default_value_t = 3)]
+    amplification_factor: usize,
+    /// Do not answer over TCP on the same address.
+    #[arg(long)]
+    no_tcp: bool,
     #[command(flatten)]
     rrl: RrlArgs,
 }
@@ -96,11 +107,33 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )))
     });
     let validated = cookies.as_ref().map(|cookies| cookies.validated());
-    let rrl = args.rrl.limiter(move |peer: SocketAddr| {
+    let is_validated: Arc<dyn abyss::middleware::Validate> = Arc::new(move |peer: SocketAddr| {
         validated
             .as_ref()
             .is_some_and(|validated| abyss::middleware::Validate::is_validated(validated, peer))
+    });
+    let rrl = args.rrl.limiter({
+        let is_validated = is_validated.clone();
+        move |peer: SocketAddr| is_validated.is_validated(peer)
     })?;
+    // Truncated clients retry over TCP: serve it on the same address.
+    if !args.no_tcp {
+        let tcp = tokio::net::TcpListener::bind(args.bind).await?;
+        tokio::spawn(abyss_examples::dns::serve_tcp(
+            tcp,
+            forwarder.clone(),
+            Duration::from_secs(10),
+        ));
+    }
+    let answering = match cookies {
+        Some(cookies) => tower::util::Either::Left(dns_cookies::service(forwarder, cookies)),
+        None => tower::util::Either::Right(service(forwarder)),
+    };
+    let factor = if args.amplification_factor == 0 {
+        usize::MAX
+    } else {
+        args.amplification_factor
+    };
     let handle = Server::bind(args.bind)
         .concurrency_shed(args.max_outstanding)
         .serve(
@@ -108,12 +141,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .option_layer(rrl.as_ref().map(|rrl| rrl.layer()))
                 // One error type with the layer on or off.
                 .map_err(Into::<abyss::BoxError>::into)
-                .service(match cookies {
-                    Some(cookies) => {
-                        tower::util::Either::Left(dns_cookies::service(forwarder, cookies))
-                    }
-                    None => tower::util::Either::Right(service(forwarder)),
-                }),
+                .service(abyss_examples::dns::truncate_large(
+                    answering,
+                    factor,
+                    is_validated,
+                )),
         )
         .await?;
     println!(

@@ -916,3 +916,67 @@ async fn a_forger_who_knows_the_port_and_the_id_but_not_the_case_poisons_nothing
     assert_eq!(poisoned, 0, "forged answers taken in 20 tries");
     handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_to_an_unvalidated_source_is_truncated_and_comes_whole_over_tcp() {
+    if skip() {
+        return;
+    }
+    let big = "x".repeat(200);
+    let zone = format!("{ZONE}big IN TXT \"{big}\" \"{big}\" \"{big}\" \"{big}\"\n");
+    let dir = std::env::temp_dir().join(format!("abyss-nsd-tc-{}", std::process::id()));
+    let nsd = start_nsd_with(
+        &dir,
+        std::net::Ipv4Addr::LOCALHOST,
+        free_port(),
+        &[("example.test", &zone)],
+    );
+    let nsd_addr = nsd.addr;
+    tokio::task::spawn_blocking(move || wait_until_answering(nsd_addr))
+        .await
+        .unwrap();
+    let forwarder = Arc::new(Forwarder::start(&[nsd.addr], Duration::from_secs(2)).unwrap());
+    let nobody: Arc<dyn abyss::middleware::Validate> = Arc::new(|_: SocketAddr| false);
+    let handle = Server::bind("127.0.0.1:0")
+        .serve(abyss_examples::dns::truncate_large(
+            service(forwarder.clone()),
+            3,
+            nobody,
+        ))
+        .await
+        .unwrap();
+    let addr = handle.local_addr();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(abyss_examples::dns::serve_tcp(
+        tcp,
+        forwarder,
+        Duration::from_secs(5),
+    ));
+    let (udp_only, retried) = tokio::task::spawn_blocking(move || {
+        let dig = |extra: &[&str]| {
+            let output = Command::new("dig")
+                .args([&format!("@{}", addr.ip()), "-p", &addr.port().to_string()])
+                .args(["big.example.test", "TXT", "+time=3", "+tries=1"])
+                .args(extra)
+                .output()
+                .expect("run dig");
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        (dig(&["+ignore"]), dig(&["+short"]))
+    })
+    .await
+    .unwrap();
+    assert!(udp_only.contains(" tc"), "TC set over UDP: {udp_only}");
+    assert!(!udp_only.contains(&big), "no answer in the truncated reply");
+    assert_eq!(
+        retried.matches(&big).count(),
+        4,
+        "the whole answer over TCP: {retried}"
+    );
+    // A small answer is not truncated.
+    let small = tokio::task::spawn_blocking(move || dig(addr, "host001.example.test"))
+        .await
+        .unwrap();
+    assert_eq!(small, "192.0.2.1");
+    handle.shutdown().await;
+}
