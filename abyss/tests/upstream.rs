@@ -206,3 +206,78 @@ async fn an_unusable_upstream_is_refused_at_start() {
         assert!(refused.is_err(), "{addr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_compose_with_towers_balance_retry_and_load_shed() {
+    use tower::balance::p2c::Balance;
+    use tower::discover::ServiceList;
+    use tower::load::Constant;
+
+    // Two upstreams behind power-of-two-choices balancing.
+    let (first, seen_first) = echo_upstream(Duration::ZERO).await;
+    let (second, seen_second) = echo_upstream(Duration::ZERO).await;
+    let clients = [first, second]
+        .map(|addr| Constant::new(Upstream::builder(addr, Tagged::new()).build().unwrap(), 1));
+    let mut balanced = Balance::new(ServiceList::new(clients));
+    for i in 0..200u32 {
+        let answer = balanced
+            .ready()
+            .await
+            .unwrap()
+            .call(request(&i.to_be_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(&answer[8..], &i.to_be_bytes());
+    }
+    let (a, b) = (
+        seen_first.lock().unwrap().len(),
+        seen_second.lock().unwrap().len(),
+    );
+    assert_eq!(a + b, 200);
+    assert!(a > 0 && b > 0, "both upstreams used: {a} and {b}");
+
+    // Retry: a request that times out on a silent upstream is tried again.
+    #[derive(Clone)]
+    struct Twice(usize);
+    impl tower::retry::Policy<Bytes, Bytes, UpstreamError> for Twice {
+        type Future = std::future::Ready<()>;
+        fn retry(
+            &mut self,
+            _request: &mut Bytes,
+            result: &mut Result<Bytes, UpstreamError>,
+        ) -> Option<Self::Future> {
+            match result {
+                Err(UpstreamError::TimedOut) if self.0 > 0 => {
+                    self.0 -= 1;
+                    Some(std::future::ready(()))
+                }
+                _ => None,
+            }
+        }
+        fn clone_request(&mut self, request: &Bytes) -> Option<Bytes> {
+            Some(request.clone())
+        }
+    }
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = Upstream::builder(silent.local_addr().unwrap(), Tagged::new())
+        .timeout(Duration::from_millis(30))
+        .build()
+        .unwrap();
+    let retried = tower::ServiceBuilder::new()
+        .retry(Twice(2))
+        .service(upstream.clone());
+    let error = retried.oneshot(request(b"lost")).await.unwrap_err();
+    assert!(matches!(error, UpstreamError::TimedOut));
+    assert_eq!(upstream.stats().sent, 3, "tried three times");
+
+    // LoadShed: at the outstanding bound, a request fails at once.
+    let slow = Upstream::builder(silent.local_addr().unwrap(), Tagged::new())
+        .max_outstanding(1)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut shed = tower::ServiceBuilder::new().load_shed().service(slow);
+    let _waiting = shed.ready().await.unwrap().call(request(b"1"));
+    let refused = shed.ready().await.unwrap().call(request(b"2")).await;
+    assert!(refused.is_err(), "shed at the bound");
+}
