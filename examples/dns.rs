@@ -161,21 +161,36 @@ async fn ask_over_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec
     Ok(answer)
 }
 
+/// Connections served over TCP at once, at most: beyond it, new ones wait
+/// in the listen queue.
+const MAX_TCP_CONNECTIONS: usize = 1024;
+
 /// Serves DNS over TCP on `listener` with `forwarder` (RFC 7766: several
-/// length-prefixed queries per connection, answered in order), until the
-/// listener fails. Each connection is bounded to `idle` between queries.
+/// length-prefixed queries per connection, answered in order). At most
+/// 1 024 connections at once, each closed after `idle` without a query.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     forwarder: Arc<Forwarder>,
     idle: Duration,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!(%error, "cannot accept a TCP connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let forwarder = forwarder.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             loop {
                 let mut len = [0u8; 2];
                 match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
