@@ -108,6 +108,11 @@ impl Forwarder {
                 .oneshot(Bytes::copy_from_slice(query))
                 .await
             {
+                // An error answer without a question: the client gets
+                // our own error reply with that code, not its bytes.
+                Ok(answer) if answer.get(4..6) == Some(&[0, 0]) => {
+                    return Some(error_reply(query, Some(end), answer[3] & 0x0f));
+                }
                 Ok(answer) => return Some(relay(query, end, &answer)),
                 Err(error) => tracing::debug!(%error, "upstream did not answer"),
             }
@@ -359,9 +364,14 @@ impl Correlate for DnsIds {
         match (question_end(query), question_end(answer)) {
             // The question exactly as sent: name case, type and class.
             (Some(sent), Some(got)) => sent == got && query[12..sent] == answer[12..got],
-            // An error without a question (REFUSED, NOTIMP, FORMERR...).
+            // An error without a question, and without records: FORMERR,
+            // SERVFAIL, NOTIMP or REFUSED. (NXDOMAIN names a name: it
+            // must echo the question.)
             (Some(_), None) => {
-                answer.get(4..6) == Some(&[0, 0]) && answer.get(3).is_some_and(|b| b & 0x0f != 0)
+                answer.get(4..10) == Some(&[0, 0, 0, 0, 0, 0])
+                    && answer
+                        .get(3)
+                        .is_some_and(|b| matches!(b & 0x0f, 1 | 2 | 4 | 5))
             }
             _ => false,
         }

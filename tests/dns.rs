@@ -980,3 +980,24 @@ async fn a_large_answer_to_an_unvalidated_source_is_truncated_and_comes_whole_ov
     assert_eq!(small, "192.0.2.1");
     handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_questionless_answer_with_records_or_nxdomain_is_not_taken_by_its_id() {
+    let (handle, upstream) = forwarder_before_fake(Duration::from_millis(200)).await;
+    let socket = client().await;
+    socket
+        .send_to(&query_for("victim.example", 0), handle.local_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (_, forwarder_addr) = upstream.recv_from(&mut buf).await.unwrap();
+    // The right ID, no question, NXDOMAIN with an A record for 6.6.6.6.
+    let mut forged = vec![buf[0], buf[1], 0x81, 0x83, 0, 0, 0, 1, 0, 0, 0, 0];
+    forged.extend_from_slice(&[0x06, b'v', b'i', b'c', b't', b'i', b'm', 0, 0, 1, 0, 1]);
+    forged.extend_from_slice(&[0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+    upstream.send_to(&forged, forwarder_addr).await.unwrap();
+    let (reply, _) = recv_within(&socket, PATIENCE).await.expect("a reply");
+    assert_eq!(reply[3] & 0x0f, 2, "SERVFAIL: the forgery was not taken");
+    assert_eq!(&reply[6..8], &[0, 0], "no records relayed");
+    handle.shutdown().await;
+}

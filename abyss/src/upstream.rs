@@ -190,6 +190,7 @@ pub struct UpstreamBuilder<C> {
     rotate_after: u64,
     timeout: Duration,
     max_outstanding: usize,
+    max_answer: usize,
 }
 
 impl<C> fmt::Debug for UpstreamBuilder<C> {
@@ -210,6 +211,9 @@ struct Member {
     transport: Arc<UdpTransport>,
     /// Requests sent from it.
     sent: AtomicU64,
+    /// When it was rotated out (nanoseconds since the client's start, plus
+    /// one; 0 while in use).
+    retired_at: AtomicU64,
 }
 
 struct Shared<C: Correlate> {
@@ -217,6 +221,11 @@ struct Shared<C: Correlate> {
     correlate: C,
     rotate_after: u64,
     timeout: Duration,
+    /// Largest answer read (the receive buffers' size).
+    max_answer: usize,
+    started: tokio::time::Instant,
+    /// Numbers each waiting request, so a request only removes its own.
+    tickets: AtomicU64,
     pool: Mutex<Pool>,
     /// Requests waiting for their answer, by key: the socket they left
     /// from, and where their answer goes.
@@ -234,6 +243,8 @@ type Pending<K> = HashMap<K, Waiter>;
 
 /// A request waiting for its answer.
 struct Waiter {
+    /// Tells this request from a later one with the same key.
+    ticket: u64,
     /// The socket it left from.
     member: u64,
     /// What was sent, for [`Correlate::accept`].
@@ -302,6 +313,7 @@ impl<C: Correlate> Upstream<C> {
             rotate_after: 10_000,
             timeout: Duration::from_secs(2),
             max_outstanding: 1024,
+            max_answer: 4096,
         }
     }
 
@@ -397,6 +409,33 @@ impl<C: Correlate> UpstreamBuilder<C> {
         self
     }
 
+    /// The largest answer read, in bytes (default 4 096, at most 65 535):
+    /// a longer one is cut short by the kernel and counted unmatched, and
+    /// its request times out. Size it to what the protocol asks for (DNS:
+    /// the EDNS size the queries advertise).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use abyss::upstream::{Correlate, Upstream};
+    /// # struct Any;
+    /// # impl Correlate for Any {
+    /// #     type Key = ();
+    /// #     fn prepare(&self, _: &mut abyss::BytesMut) -> Option<()> { Some(()) }
+    /// #     fn key(&self, _: &[u8]) -> Option<()> { Some(()) }
+    /// # }
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::upstream::UpstreamError> {
+    /// let upstream = Upstream::builder("127.0.0.1:53".parse().unwrap(), Any).max_answer(1232).build()?;
+    /// # let _ = upstream;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_answer(mut self, bytes: usize) -> Self {
+        self.max_answer = bytes;
+        self
+    }
+
     /// Opens the sockets. Must be called inside a tokio runtime.
     ///
     /// # Errors
@@ -430,6 +469,9 @@ impl<C: Correlate> UpstreamBuilder<C> {
                 "the upstream must be an address and a port, not 0 or unspecified",
             ));
         }
+        if self.max_answer == 0 || self.max_answer > 65_535 {
+            return Err(invalid("max_answer must be between 1 and 65535 bytes"));
+        }
         if self.sockets == 0 || self.rotate_after == 0 || self.max_outstanding == 0 {
             return Err(invalid(
                 "sockets, rotate_after and max_outstanding must be at least 1",
@@ -443,6 +485,9 @@ impl<C: Correlate> UpstreamBuilder<C> {
             correlate: self.correlate,
             rotate_after: self.rotate_after,
             timeout: self.timeout,
+            max_answer: self.max_answer,
+            started: tokio::time::Instant::now(),
+            tickets: AtomicU64::new(0),
             pool: Mutex::new(Pool {
                 members: Vec::with_capacity(self.sockets),
                 next: 0,
@@ -469,6 +514,11 @@ impl<C: Correlate> UpstreamBuilder<C> {
 }
 
 impl<C: Correlate> Shared<C> {
+    /// Nanoseconds since the client started.
+    fn elapsed(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
     fn pool(&self) -> MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -492,6 +542,7 @@ impl<C: Correlate> Shared<C> {
             id: pool.next_id,
             transport,
             sent: AtomicU64::new(0),
+            retired_at: AtomicU64::new(0),
         });
         tokio::spawn(read_answers(Arc::downgrade(self), member.clone()));
         Ok(member)
@@ -504,21 +555,23 @@ impl<C: Correlate> Shared<C> {
         key: &C::Key,
         member: u64,
         request: Bytes,
-    ) -> Option<oneshot::Receiver<Bytes>> {
+    ) -> Option<(u64, oneshot::Receiver<Bytes>)> {
         let mut pending = self.pending();
         if pending.contains_key(key) {
             return None;
         }
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let (answer, receiver) = oneshot::channel();
         pending.insert(
             key.clone(),
             Waiter {
+                ticket,
                 member,
                 request,
                 answer,
             },
         );
-        Some(receiver)
+        Some((ticket, receiver))
     }
 
     /// The socket the next request leaves from, replacing one that has
@@ -529,7 +582,11 @@ impl<C: Correlate> Shared<C> {
         pool.next = pool.next.wrapping_add(1);
         if pool.members[at].sent.load(Ordering::Relaxed) >= self.rotate_after {
             let fresh = self.open(&mut pool)?;
-            // The old socket's reader ends once nothing waits for it.
+            // The old socket's reader goes on a timeout longer, for the
+            // answers still due on it, then ends.
+            pool.members[at]
+                .retired_at
+                .store(self.elapsed().saturating_add(1), Ordering::Relaxed);
             pool.members[at] = fresh;
             self.rotations.fetch_add(1, Ordering::Relaxed);
         }
@@ -542,7 +599,8 @@ impl<C: Correlate> Shared<C> {
 /// socket has been rotated out and nothing waits for it any more.
 async fn read_answers<C: Correlate>(shared: std::sync::Weak<Shared<C>>, member: Arc<Member>) {
     const BATCH: usize = 32;
-    let mut buffers = vec![[0u8; 2048]; BATCH];
+    let size = shared.upgrade().map_or(0, |shared| shared.max_answer);
+    let mut buffers = vec![vec![0u8; size]; BATCH];
     let mut meta = [RecvMeta::default(); BATCH];
     let mut arena = BytesMut::new();
     loop {
@@ -566,24 +624,20 @@ async fn read_answers<C: Correlate>(shared: std::sync::Weak<Shared<C>>, member: 
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        // A socket rotated out is read for one timeout more (what was sent
+        // from it is due by then), then closed, whatever still comes.
+        let retired_at = member.retired_at.load(Ordering::Relaxed);
+        if retired_at != 0 {
+            let due =
+                Duration::from_nanos(retired_at) + shared.timeout + Duration::from_millis(100);
+            if shared.started.elapsed() > due {
+                return;
+            }
+        }
         let count = match received {
             Some(Ok(count)) => count,
-            // An ICMP error for an earlier send: nothing to read.
-            Some(Err(_)) => continue,
-            None => {
-                // Quiet for a while: a socket rotated out with nothing
-                // waiting for it ends its reader.
-                let retired = !shared
-                    .pool()
-                    .members
-                    .iter()
-                    .any(|m| Arc::ptr_eq(m, &member));
-                let waited_for = shared.pending().values().any(|w| w.member == member.id);
-                if retired && !waited_for {
-                    return;
-                }
-                continue;
-            }
+            // An ICMP error for an earlier send, or a quiet spell.
+            Some(Err(_)) | None => continue,
         };
         for (m, buffer) in meta.iter().zip(&buffers).take(count) {
             let answer = &buffer[..m.len.min(buffer.len())];
@@ -627,12 +681,18 @@ async fn read_answers<C: Correlate>(shared: std::sync::Weak<Shared<C>>, member: 
 struct Waiting<C: Correlate> {
     shared: Arc<Shared<C>>,
     key: Option<C::Key>,
+    ticket: u64,
 }
 
 impl<C: Correlate> Drop for Waiting<C> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.shared.pending().remove(&key);
+            let mut pending = self.shared.pending();
+            // Its own entry only: once answered, the key may be waited for
+            // by a later request.
+            if pending.get(&key).is_some_and(|w| w.ticket == self.ticket) {
+                pending.remove(&key);
+            }
         }
     }
 }
@@ -660,10 +720,11 @@ impl<C: Correlate> Service<Bytes> for Core<C> {
                     let member = shared.member().map_err(UpstreamError::Send)?;
                     let sent = std::mem::take(&mut request).freeze();
                     match shared.wait_for(&key, member.id, sent.clone()) {
-                        Some(receiver) => {
+                        Some((ticket, receiver)) => {
                             let waiting = Waiting {
                                 shared: shared.clone(),
                                 key: Some(key),
+                                ticket,
                             };
                             break (receiver, waiting, member, sent);
                         }

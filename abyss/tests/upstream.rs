@@ -281,3 +281,114 @@ async fn upstreams_compose_with_towers_balance_retry_and_load_shed() {
     let refused = shed.ready().await.unwrap().call(request(b"2")).await;
     assert!(refused.is_err(), "shed at the bound");
 }
+
+/// Keys are the request's first byte, kept as sent: tests choose them.
+struct FirstByte;
+
+impl Correlate for FirstByte {
+    type Key = u8;
+
+    fn prepare(&self, request: &mut BytesMut) -> Option<u8> {
+        request.first().copied()
+    }
+
+    fn key(&self, answer: &[u8]) -> Option<u8> {
+        answer.first().copied()
+    }
+}
+
+#[tokio::test]
+async fn an_answered_request_finishing_late_leaves_a_newer_one_with_its_key_waiting() {
+    let fake = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut upstream = Upstream::builder(fake.local_addr().unwrap(), FirstByte)
+        .sockets(1)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let mut a = Box::pin(
+        upstream
+            .ready()
+            .await
+            .unwrap()
+            .call(Bytes::from_static(b"\x07A")),
+    );
+    let mut buf = [0u8; 64];
+    let (n, from) = tokio::select! {
+        received = fake.recv_from(&mut buf) => received.unwrap(),
+        early = &mut a => panic!("{early:?}"),
+    };
+    fake.send_to(&buf[..n], from).await.unwrap();
+    while upstream.stats().answered < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A's answer is delivered, but A's future has not run since: B takes
+    // the same key.
+    let mut b = Box::pin(
+        upstream
+            .ready()
+            .await
+            .unwrap()
+            .call(Bytes::from_static(b"\x07B")),
+    );
+    tokio::select! {
+        received = fake.recv_from(&mut buf) => { received.unwrap(); }
+        early = &mut b => panic!("{early:?}"),
+    }
+    assert!(a.await.is_ok());
+    // A's end must not remove B's entry: B waits its whole timeout.
+    let started = tokio::time::Instant::now();
+    let b = b.await;
+    assert!(matches!(b, Err(UpstreamError::TimedOut)), "{b:?}");
+    assert!(started.elapsed() >= Duration::from_millis(250), "B waited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_up_to_max_answer_are_read_whole() {
+    let fake = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = fake.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = fake.recv_from(&mut buf).await {
+            let mut big = buf[..n].to_vec();
+            big.resize(3000, b'x');
+            let _ = fake.send_to(&big, from).await;
+        }
+    });
+    let upstream = Upstream::builder(addr, FirstByte).build().unwrap();
+    let answer = upstream
+        .clone()
+        .oneshot(Bytes::from_static(b"\x01q"))
+        .await
+        .unwrap();
+    assert_eq!(answer.len(), 3000, "over the old 2 048-byte buffers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_socket_closes_a_timeout_later_even_if_strays_keep_coming() {
+    let fake = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = Upstream::builder(fake.local_addr().unwrap(), FirstByte)
+        .sockets(1)
+        .rotate_after(1)
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let old = upstream.local_addrs()[0];
+    let _ = upstream.clone().oneshot(Bytes::from_static(b"\x01a")).await;
+    let _ = upstream.clone().oneshot(Bytes::from_static(b"\x02b")).await; // rotates
+    assert_eq!(upstream.stats().rotations, 1);
+    // A stray every 50 ms to the retired port.
+    let stray = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = SocketAddr::from(([127, 0, 0, 1], old.port()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        stray.send_to(b"junk", target).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if std::net::UdpSocket::bind(target).is_ok() {
+            break; // closed: its port is free again
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retired socket stayed open"
+        );
+    }
+}
