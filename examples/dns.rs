@@ -215,9 +215,13 @@ pub async fn serve_tcp(
                 let Ok(len) = u16::try_from(answer.len()) else {
                     return;
                 };
-                if stream.write_all(&len.to_be_bytes()).await.is_err()
-                    || stream.write_all(&answer).await.is_err()
-                {
+                // A client that does not read loses its connection.
+                let written = tokio::time::timeout(idle, async {
+                    stream.write_all(&len.to_be_bytes()).await?;
+                    stream.write_all(&answer).await
+                })
+                .await;
+                if !matches!(written, Ok(Ok(()))) {
                     tracing::debug!(%peer, "TCP client went away");
                     return;
                 }
