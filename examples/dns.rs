@@ -103,11 +103,13 @@ impl Forwarder {
                 .collect()
         });
         for upstream in upstreams {
-            match upstream
-                .clone()
-                .oneshot(Bytes::copy_from_slice(query))
-                .await
-            {
+            // The timeout covers the wait for an outstanding slot too.
+            let asked = upstream.clone().oneshot(Bytes::copy_from_slice(query));
+            let Ok(answered) = tokio::time::timeout(self.timeout, asked).await else {
+                tracing::debug!("upstream busy past the timeout");
+                continue;
+            };
+            match answered {
                 // An error answer without a question: the client gets
                 // our own error reply with that code, not its bytes.
                 Ok(answer) if answer.get(4..6) == Some(&[0, 0]) => {
