@@ -285,6 +285,14 @@ fn open_upstream(addr: SocketAddr, timeout: Duration) -> Result<Upstream<DnsIds>
 /// Where the one question of a DNS message ends, if it has exactly one
 /// well-formed question (no compression: a question needs none).
 pub fn question_end(message: &[u8]) -> Option<usize> {
+    question(message, |_| {}).map(|(end, _)| end)
+}
+
+/// The one question of a DNS message: where it ends, and its type; `visit`
+/// sees each byte of the name's wire form, lower-cased. `None` unless the
+/// message has exactly one well-formed question (no compression: a
+/// question needs none).
+pub fn question(message: &[u8], mut visit: impl FnMut(u8)) -> Option<(usize, u16)> {
     let header = message.get(..12)?;
     if u16::from_be_bytes([header[4], header[5]]) != 1 {
         return None;
@@ -295,13 +303,17 @@ pub fn question_end(message: &[u8]) -> Option<usize> {
         if len & 0xc0 != 0 || at - 12 + len > 254 {
             return None;
         }
+        visit(len as u8);
+        let label = message.get(at + 1..at + 1 + len)?;
+        label.iter().for_each(|b| visit(b.to_ascii_lowercase()));
         at += 1 + len;
         if len == 0 {
             break;
         }
     }
-    message.get(at + 3)?; // type and class
-    Some(at + 4)
+    let qtype = u16::from_be_bytes([*message.get(at)?, *message.get(at + 1)?]);
+    message.get(at + 3)?; // the class
+    Some((at + 4, qtype))
 }
 
 /// An error response to `query`: its header (ID, opcode, RD) with QR set

@@ -9,6 +9,8 @@ use std::hash::{BuildHasher, Hasher, RandomState};
 use abyss::Bytes;
 use abyss::middleware::rrl::{Classify, ResponseRateLimit};
 
+use crate::dns::question;
+
 /// The kind of a DNS response, as response rate limiting counts it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -66,40 +68,6 @@ impl DnsResponses {
     pub fn new() -> Self {
         Self::default()
     }
-}
-
-/// The question of a response: where it ends, and its type; `visit` sees
-/// each byte of the name's wire form, lower-cased. `None` for anything
-/// that is not a response with exactly one well-formed question.
-fn question(reply: &[u8], mut visit: impl FnMut(u8)) -> Option<(usize, u16)> {
-    let header = reply.get(..12)?;
-    let is_response = header[2] & 0x80 != 0;
-    let questions = u16::from_be_bytes([header[4], header[5]]);
-    if !is_response || questions != 1 {
-        return None;
-    }
-    let mut at = 12;
-    loop {
-        let len = usize::from(*reply.get(at)?);
-        // A compression pointer or an extended label has no place in a
-        // question: not classified.
-        if len & 0xc0 != 0 || at - 12 + len > 254 {
-            return None;
-        }
-        visit(len as u8);
-        at += 1;
-        if len == 0 {
-            break;
-        }
-        reply
-            .get(at..at + len)?
-            .iter()
-            .for_each(|b| visit(b.to_ascii_lowercase()));
-        at += len;
-    }
-    let qtype = u16::from_be_bytes([*reply.get(at)?, *reply.get(at + 1)?]);
-    reply.get(at + 3)?; // the class
-    Some((at + 4, qtype))
 }
 
 impl Classify for DnsResponses {

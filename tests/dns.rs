@@ -154,11 +154,7 @@ async fn dig_through_the_forwarder_gets_the_record_nsd_serves() {
         .unwrap();
 
     let forwarder = Arc::new(Forwarder::new(nsd.addr, Duration::from_secs(2)));
-    let handle = Server::bind("127.0.0.1:0")
-        .listeners(1)
-        .serve(service(forwarder))
-        .await
-        .unwrap();
+    let handle = serve_forwarder(forwarder).await;
     let server = handle.local_addr();
     let answers = tokio::task::spawn_blocking(move || {
         (
@@ -180,11 +176,7 @@ async fn a_malformed_query_gets_formerr_and_a_headless_one_nothing() {
         "127.0.0.1:9".parse().unwrap(),
         Duration::from_millis(100),
     ));
-    let handle = Server::bind("127.0.0.1:0")
-        .listeners(1)
-        .serve(service(forwarder))
-        .await
-        .unwrap();
+    let handle = serve_forwarder(forwarder).await;
     let socket = client().await;
     // A header claiming one question, then garbage.
     let mut junk = vec![0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
@@ -219,11 +211,7 @@ async fn an_upstream_that_does_not_answer_gives_servfail() {
         silent.local_addr().unwrap(),
         Duration::from_millis(200),
     ));
-    let handle = Server::bind("127.0.0.1:0")
-        .listeners(1)
-        .serve(service(forwarder))
-        .await
-        .unwrap();
+    let handle = serve_forwarder(forwarder).await;
     let socket = client().await;
     let query = query();
     socket.send_to(&query, handle.local_addr()).await.unwrap();
@@ -239,13 +227,18 @@ async fn an_upstream_that_does_not_answer_gives_servfail() {
 
 /// A query for host001.example.test A with ID 0x1234.
 fn query() -> Vec<u8> {
-    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
-    for label in ["host001", "example", "test"] {
-        query.push(label.len() as u8);
-        query.extend_from_slice(label.as_bytes());
-    }
-    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut query = query_for("host001.example.test", 0);
+    query[..2].copy_from_slice(&[0x12, 0x34]);
     query
+}
+
+/// The forwarder example's service for `forwarder`, on one listener.
+async fn serve_forwarder(forwarder: impl Into<Arc<Forwarder>>) -> abyss::ServerHandle {
+    Server::bind("127.0.0.1:0")
+        .listeners(1)
+        .serve(service(forwarder.into()))
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -256,11 +249,7 @@ async fn spoofed_and_mismatched_upstream_replies_are_ignored() {
         upstream.local_addr().unwrap(),
         Duration::from_secs(5),
     ));
-    let handle = Server::bind("127.0.0.1:0")
-        .listeners(1)
-        .serve(service(forwarder))
-        .await
-        .unwrap();
+    let handle = serve_forwarder(forwarder).await;
     let socket = client().await;
     socket.send_to(&query(), handle.local_addr()).await.unwrap();
 
@@ -742,12 +731,7 @@ fn query_for(name: &str, opcode: u8) -> Vec<u8> {
 /// A forwarder in front of a fake upstream the test plays.
 async fn forwarder_before_fake(timeout: Duration) -> (abyss::ServerHandle, tokio::net::UdpSocket) {
     let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let forwarder = Arc::new(Forwarder::new(upstream.local_addr().unwrap(), timeout));
-    let handle = Server::bind("127.0.0.1:0")
-        .listeners(1)
-        .serve(service(forwarder))
-        .await
-        .unwrap();
+    let handle = serve_forwarder(Forwarder::new(upstream.local_addr().unwrap(), timeout)).await;
     (handle, upstream)
 }
 
@@ -865,11 +849,7 @@ async fn a_silent_upstream_fails_over_to_the_next() {
         )
         .unwrap(),
     );
-    let handle = Server::bind("127.0.0.1:0")
-        .listeners(1)
-        .serve(service(forwarder))
-        .await
-        .unwrap();
+    let handle = serve_forwarder(forwarder).await;
     let socket = client().await;
     socket
         .send_to(&query_for("failover.example", 0), handle.local_addr())
