@@ -9,7 +9,9 @@
 # (default 1), dnsperf on CLIENT_CPU (default 0), 100 queries in flight.
 # Then the latency at a fixed 2 000 queries/s (dnsperf -Q): p50 and p99
 # from dnsperf's latency histogram. Needs nsd, dnsmasq, dnsperf, taskset
-# and ss.
+# and ss. A third contender, bench/c_relay.c, is the least any forwarder
+# can do (batched system calls and an ID swap, nothing checked): the
+# ceiling this machine and layout allow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,7 @@ server_cpu=${SERVER_CPU:-1}
 client_cpu=${CLIENT_CPU:-0}
 
 cargo build --release --quiet --example dns_forwarder
+gcc -O2 -o target/release/c_relay bench/c_relay.c
 bin=target/release/examples
 
 . bench/lib.sh
@@ -62,8 +65,9 @@ start 5391 taskset -c "$server_cpu" dnsmasq --no-daemon --keep-in-foreground --n
     --server=127.0.0.1#5390 --cache-size=0 --port=5391 --listen-address=127.0.0.1 \
     --bind-interfaces --no-hosts --user=root --pid-file="$dir/dnsmasq.pid"
 start 5392 taskset -c "$server_cpu" "$bin/dns_forwarder" --bind 127.0.0.1:5392 --upstream 127.0.0.1:5390
+start 5393 taskset -c "$server_cpu" target/release/c_relay 5393 5390
 
-declare -A names=([5391]="dnsmasq, cache off" [5392]="Abyss forwarder")
+declare -A names=([5391]="dnsmasq, cache off" [5392]="Abyss forwarder" [5393]="C relay (ceiling, checks nothing)")
 declare -A qps p50 p99
 perf() { # port, extra dnsperf flags...
     local port=$1; shift
@@ -71,13 +75,13 @@ perf() { # port, extra dnsperf flags...
 }
 field_qps() { sed -nE 's/.*Queries per second: +([0-9.]+).*/\1/p'; }
 for run in $(seq "$runs"); do
-    for port in 5391 5392; do
+    for port in 5391 5392 5393; do
         out=$(perf "$port" -q 100)
         qps[$port]+="$(echo "$out" | field_qps) "
         echo "run $run ${names[$port]}: $(echo "$out" | grep -E 'Queries (completed|lost)|per second' | tr -s ' ' | tr '\n' ' ')" >&2
     done
 done
-for port in 5391 5392; do
+for port in 5391 5392 5393; do
     out=$(perf "$port" -Q 2000 -v)
     # dnsperf -v prints one line per query: "> NOERROR host001.example.test A 0.000123"
     echo "$out" | awk '/^> NOERROR/ {print $NF}' | sort -n > "$dir/lat.$port"
@@ -92,7 +96,7 @@ echo
 base=$(echo "${qps[5391]}" | median)
 echo "| forwarder | queries/s | to dnsmasq | p50 us at 2 000 q/s | p99 us at 2 000 q/s |"
 echo "| --- | ---: | ---: | ---: | ---: |"
-for port in 5391 5392; do
+for port in 5391 5392 5393; do
     m=$(echo "${qps[$port]}" | median)
     echo "| ${names[$port]} | $m | $(ratio "$m" "$base") | ${p50[$port]} | ${p99[$port]} |"
 done

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use abyss::upstream::{Correlate, Upstream, UpstreamError};
+use abyss::upstream::{Correlate, Upstream, UpstreamError, UpstreamStats};
 use abyss::{Bytes, BytesMut, Request};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use tokio::net::UdpSocket;
@@ -73,8 +73,18 @@ impl Forwarder {
         Ok(forwarder)
     }
 
-    /// The reply to `query`, or `None` to send nothing.
-    pub async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
+    /// The counters of each upstream client, in the order given (empty
+    /// before first use for a forwarder made with [`Forwarder::new`]).
+    pub fn upstream_stats(&self) -> Vec<UpstreamStats> {
+        self.upstreams
+            .get()
+            .map(|clients| clients.iter().map(Upstream::stats).collect())
+            .unwrap_or_default()
+    }
+
+    /// The reply to `query`, or `None` to send nothing. A relayed answer
+    /// is the upstream's, rewritten in place: no copy, no allocation.
+    pub async fn answer(&self, query: &[u8]) -> Option<Bytes> {
         // Without a whole header there is nothing to answer; a response is
         // never answered (no reflection loops between servers).
         let header = query.get(..12)?;
@@ -84,11 +94,11 @@ impl Forwarder {
         let opcode = (header[2] >> 3) & 0x0f;
         let question = question_end(query);
         if opcode != 0 {
-            return Some(error_reply(query, question, 4)); // NOTIMP
+            return Some(error_reply(query, question, 4).into()); // NOTIMP
         }
         let Some(end) = question else {
             tracing::debug!("malformed query");
-            return Some(error_reply(query, None, 1)); // FORMERR
+            return Some(error_reply(query, None, 1).into()); // FORMERR
         };
         let upstreams = self.upstreams.get_or_init(|| {
             self.addrs
@@ -103,23 +113,23 @@ impl Forwarder {
                 .collect()
         });
         for upstream in upstreams {
-            // The timeout covers the wait for an outstanding slot too.
-            let asked = upstream.clone().oneshot(Bytes::copy_from_slice(query));
-            let Ok(answered) = tokio::time::timeout(self.timeout, asked).await else {
-                tracing::debug!("upstream busy past the timeout");
+            // At its outstanding bound an upstream is busy: the next one
+            // is asked, or the client gets SERVFAIL, rather than a queue.
+            let Some(asked) = upstream.try_call(query) else {
+                tracing::debug!("upstream busy");
                 continue;
             };
-            match answered {
+            match asked.await {
                 // An error answer without a question: the client gets
                 // our own error reply with that code, not its bytes.
                 Ok(answer) if answer.get(4..6) == Some(&[0, 0]) => {
-                    return Some(error_reply(query, Some(end), answer[3] & 0x0f));
+                    return Some(error_reply(query, Some(end), answer[3] & 0x0f).into());
                 }
-                Ok(answer) => return Some(relay(query, end, &answer)),
+                Ok(answer) => return Some(relay(query, end, answer)),
                 Err(error) => tracing::debug!(%error, "upstream did not answer"),
             }
         }
-        Some(error_reply(query, Some(end), 2)) // SERVFAIL
+        Some(error_reply(query, Some(end), 2).into()) // SERVFAIL
     }
 }
 
@@ -275,8 +285,14 @@ where
 }
 
 /// Opens the client of one upstream.
+/// The largest answer the forwarder reads from an upstream over UDP, in
+/// bytes: the EDNS size of each query it forwards is lowered to it, so no
+/// upstream sends a longer answer (one the forwarder would have to drop).
+pub const MAX_UPSTREAM_ANSWER: u16 = 4096;
+
 fn open_upstream(addr: SocketAddr, timeout: Duration) -> Result<Upstream<DnsIds>, UpstreamError> {
     Upstream::builder(addr, DnsIds)
+        .max_answer(MAX_UPSTREAM_ANSWER.into())
         .timeout(timeout)
         .rotate_after(10_000)
         .build()
@@ -330,13 +346,54 @@ fn error_reply(query: &[u8], question: Option<usize>, rcode: u8) -> Vec<u8> {
 
 /// The upstream's `answer` as the client's: its ID, and its question in
 /// the client's letter case.
-fn relay(query: &[u8], question_end: usize, answer: &[u8]) -> Vec<u8> {
-    let mut reply = answer.to_vec();
+fn relay(query: &[u8], question_end: usize, mut reply: BytesMut) -> Bytes {
     reply[..2].copy_from_slice(&query[..2]);
     if question_end <= reply.len() && reply.get(4..6) == Some(&[0, 1]) {
         reply[12..question_end].copy_from_slice(&query[12..question_end]);
     }
-    reply
+    reply.freeze()
+}
+
+/// Lowers the UDP payload size of the query's OPT record (EDNS, RFC 6891)
+/// to `max` when it is larger. Only queries whose records are all in the
+/// additional section are looked at; anything malformed is left alone.
+fn lower_edns_size(message: &mut [u8], question_end: usize, max: u16) {
+    let count = |at: usize| u16::from_be_bytes([message[at], message[at + 1]]);
+    let (answers, authorities, additionals) = (count(6), count(8), count(10));
+    if answers != 0 || authorities != 0 {
+        return;
+    }
+    let mut at = question_end;
+    for _ in 0..additionals {
+        // The owner name: labels, or a pointer.
+        loop {
+            let Some(&len) = message.get(at) else {
+                return;
+            };
+            match len & 0xc0 {
+                0xc0 => {
+                    at += 2;
+                    break;
+                }
+                0 => at += 1 + usize::from(len),
+                _ => return,
+            }
+            if len == 0 {
+                break;
+            }
+        }
+        let Some(fixed) = message.get_mut(at..at + 10) else {
+            return;
+        };
+        if fixed[..2] == [0, 41] {
+            // OPT: its class is the requester's UDP payload size.
+            if u16::from_be_bytes([fixed[2], fixed[3]]) > max {
+                fixed[2..4].copy_from_slice(&max.to_be_bytes());
+            }
+            return;
+        }
+        at += 10 + usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+    }
 }
 
 /// DNS for [`Upstream`]: a random ID and a random letter case for the
@@ -369,6 +426,7 @@ impl Correlate for DnsIds {
                 used += 1;
             }
         }
+        lower_edns_size(query, end, MAX_UPSTREAM_ANSWER);
         Some(id)
     }
 
@@ -449,18 +507,18 @@ fn refuse(message: &Message, code: ResponseCode) -> Option<Vec<u8>> {
 /// Something that answers a DNS query (or decides not to).
 pub trait Answer: Send + Sync + 'static {
     /// The reply to `query`, or `None` to send nothing.
-    fn answer(&self, query: &[u8]) -> impl Future<Output = Option<Vec<u8>>> + Send;
+    fn answer(&self, query: &[u8]) -> impl Future<Output = Option<Bytes>> + Send;
 }
 
 impl Answer for Forwarder {
-    fn answer(&self, query: &[u8]) -> impl Future<Output = Option<Vec<u8>>> + Send {
+    fn answer(&self, query: &[u8]) -> impl Future<Output = Option<Bytes>> + Send {
         Forwarder::answer(self, query)
     }
 }
 
 impl Answer for Resolver {
-    fn answer(&self, query: &[u8]) -> impl Future<Output = Option<Vec<u8>>> + Send {
-        Resolver::answer(self, query)
+    async fn answer(&self, query: &[u8]) -> Option<Bytes> {
+        Resolver::answer(self, query).await.map(Bytes::from)
     }
 }
 
@@ -477,7 +535,7 @@ pub fn service<A: Answer>(
 + 'static {
     tower::service_fn(move |request: Request| {
         let answerer = answerer.clone();
-        async move { Ok(answerer.answer(request.payload()).await.map(Bytes::from)) }
+        async move { Ok(answerer.answer(request.payload()).await) }
     })
 }
 

@@ -530,12 +530,13 @@ impl ServerCookies {
     /// /// Answers every query with REFUSED.
     /// struct Refuse;
     /// impl Answer for Refuse {
-    ///     async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
+    ///     async fn answer(&self, query: &[u8]) -> Option<abyss::Bytes> {
     ///         let query = hickory_proto::op::Message::from_vec(query).ok()?;
     ///         let code = hickory_proto::op::ResponseCode::Refused;
     ///         hickory_proto::op::Message::error_msg(query.metadata.id, query.metadata.op_code, code)
     ///             .to_vec()
     ///             .ok()
+    ///             .map(Into::into)
     ///     }
     /// }
     ///
@@ -562,7 +563,7 @@ impl ServerCookies {
         query: &[u8],
         client: IpAddr,
         now_unix_secs: u32,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<Bytes> {
         let is_query = query.len() >= 12 && query[2] & 0x80 == 0;
         if !is_query {
             return answerer.answer(query).await;
@@ -578,21 +579,29 @@ impl ServerCookies {
                 let reply = answerer
                     .answer(stripped.as_deref().unwrap_or(query))
                     .await?;
-                Some(self.with_cookie(reply, client_cookie, client, now_unix_secs))
+                Some(Bytes::from(self.with_cookie(
+                    Vec::from(reply),
+                    client_cookie,
+                    client,
+                    now_unix_secs,
+                )))
             }
             CookieCheck::Invalid {
                 client: client_cookie,
             } => {
                 let Ok(message) = Message::from_vec(query) else {
-                    return header_only_formerr(query);
+                    return header_only_formerr(query).map(Bytes::from);
                 };
                 let mut reply = error_reply(&message, ResponseCode::BADCOOKIE);
                 self.add_to_response(&mut reply, client_cookie, client, now_unix_secs);
-                reply.to_vec().ok()
+                reply.to_vec().ok().map(Bytes::from)
             }
             CookieCheck::Malformed => match Message::from_vec(query) {
-                Ok(message) => error_reply(&message, ResponseCode::FormErr).to_vec().ok(),
-                Err(_) => header_only_formerr(query),
+                Ok(message) => error_reply(&message, ResponseCode::FormErr)
+                    .to_vec()
+                    .ok()
+                    .map(Bytes::from),
+                Err(_) => header_only_formerr(query).map(Bytes::from),
             },
             CookieCheck::None => answerer.answer(query).await,
         }
@@ -822,7 +831,7 @@ pub fn service<A: Answer>(
                     unix_time(),
                 )
                 .await;
-            Ok(reply.map(Bytes::from))
+            Ok(reply)
         }
     })
 }

@@ -897,6 +897,90 @@ async fn a_forger_who_knows_the_port_and_the_id_but_not_the_case_poisons_nothing
     handle.shutdown().await;
 }
 
+#[tokio::test]
+async fn the_forwarded_edns_size_is_lowered_to_what_the_forwarder_reads() {
+    // Never answered: a short timeout, so shutdown does not wait long.
+    let (handle, upstream) = forwarder_before_fake(Duration::from_millis(300)).await;
+    let socket = client().await;
+    let sizes = [65_535u16, 1_232];
+    for size in sizes {
+        let mut query = query_for("edns.example", 0);
+        query[11] = 1; // one additional record: OPT
+        query.extend_from_slice(&[0, 0, 41]);
+        query.extend_from_slice(&size.to_be_bytes());
+        query.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        socket.send_to(&query, handle.local_addr()).await.unwrap();
+        let mut buf = [0u8; 512];
+        let (len, _) = upstream.recv_from(&mut buf).await.unwrap();
+        let forwarded = u16::from_be_bytes([buf[len - 8], buf[len - 7]]);
+        let expected = size.min(abyss_examples::dns::MAX_UPSTREAM_ANSWER);
+        assert_eq!(forwarded, expected, "asked for {size}");
+        assert_eq!(len, query.len());
+    }
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blast_of_every_id_at_the_upstream_port_poisons_nothing_in_20_tries() {
+    // The upstream stays silent while a forger, from its address and to
+    // the port the query left from (visible to local users), sends the
+    // answer with each of the 65 536 IDs, question in lower case. Then the
+    // upstream answers for real (NXDOMAIN): the client must get that one.
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let forwarder = Arc::new(Forwarder::new(
+        upstream.local_addr().unwrap(),
+        Duration::from_secs(20),
+    ));
+    let handle = serve_forwarder(forwarder.clone()).await;
+    let socket = client().await;
+    let unmatched = || forwarder.upstream_stats()[0].unmatched;
+    let mut poisoned = 0;
+    for try_ in 0..20 {
+        let name = format!("blast{try_:02}.abcdefghijklmnop.example");
+        socket
+            .send_to(&query_for(&name, 0), handle.local_addr())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let (len, forwarder_addr) = upstream.recv_from(&mut buf).await.unwrap();
+        let sent = buf[..len].to_vec();
+        let mut forged = sent.clone();
+        forged[2] |= 0x80;
+        forged[3] &= 0xf0; // NOERROR
+        forged[12..len - 4].make_ascii_lowercase();
+        let before = unmatched();
+        for chunk in 0..64u32 {
+            for id in chunk * 1024..(chunk + 1) * 1024 {
+                forged[..2].copy_from_slice(&(id as u16).to_be_bytes());
+                upstream.send_to(&forged, forwarder_addr).await.unwrap();
+            }
+            // Paced by the forwarder's reading, so the blast is matched
+            // rather than dropped by a full socket buffer.
+            let expected = before + u64::from(chunk + 1) * 1024;
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            while unmatched() < expected && tokio::time::Instant::now() < deadline {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut genuine = sent;
+        genuine[2] |= 0x80;
+        genuine[3] = (genuine[3] & 0xf0) | 3; // NXDOMAIN
+        upstream.send_to(&genuine, forwarder_addr).await.unwrap();
+        let (reply, _) = recv_within(&socket, PATIENCE).await.expect("a reply");
+        if reply[3] & 0x0f != 3 {
+            poisoned += 1;
+        }
+    }
+    let stats = forwarder.upstream_stats()[0];
+    assert_eq!(poisoned, 0, "forged answers taken in 20 tries");
+    assert_eq!(stats.answered, 20, "{stats:?}");
+    assert!(
+        stats.unmatched >= 20 * 65_536 * 9 / 10,
+        "the blasts were read and refused, not lost: {stats:?}"
+    );
+    handle.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_answer_to_an_unvalidated_source_is_truncated_and_comes_whole_over_tcp() {
     if skip() {

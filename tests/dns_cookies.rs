@@ -27,7 +27,7 @@ const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 struct Addresses;
 
 impl Answer for Addresses {
-    async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
+    async fn answer(&self, query: &[u8]) -> Option<abyss::Bytes> {
         let query = Message::from_vec(query).ok()?;
         if query.metadata.message_type != MessageType::Query {
             return None;
@@ -50,7 +50,7 @@ impl Answer for Addresses {
                 RData::A(A::new(192, 0, 2, n + 1)),
             ));
         }
-        reply.to_vec().ok()
+        reply.to_vec().ok().map(Into::into)
     }
 }
 

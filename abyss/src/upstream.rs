@@ -73,27 +73,26 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::hash::Hash;
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::oneshot;
+use futures_util::task::AtomicWaker;
+use slab::Slab;
+use tokio::time::Instant;
 use tower::Service;
-use tower::limit::ConcurrencyLimit;
 
 use crate::transport::{RecvMeta, Transmit, Transport, UdpOptions, UdpTransport};
-
-/// The future of a request's answer.
-pub type Answer = Pin<Box<dyn Future<Output = Result<Bytes, UpstreamError>> + Send>>;
 
 /// How a protocol's requests and answers are matched; see the [module
 /// docs](self).
@@ -205,15 +204,40 @@ impl<C> fmt::Debug for UpstreamBuilder<C> {
     }
 }
 
-/// A socket of the pool.
+/// A socket of the pool, with the task that sends its requests and reads
+/// its answers.
 struct Member {
     id: u64,
-    transport: Arc<UdpTransport>,
-    /// Requests sent from it.
-    sent: AtomicU64,
-    /// When it was rotated out (nanoseconds since the client's start, plus
-    /// one; 0 while in use).
-    retired_at: AtomicU64,
+    transport: UdpTransport,
+    /// Requests given to it (for rotation).
+    assigned: AtomicU64,
+    /// Whether it has been rotated out: it sends what it was given, reads
+    /// the answers due, and closes.
+    retired: AtomicBool,
+    outbox: Mutex<Outbox>,
+    /// Its task, woken when the outbox gets work or it is retired.
+    task: AtomicWaker,
+}
+
+/// What a socket's callers hand its task.
+struct Outbox {
+    /// Requests to send, in order.
+    queue: Vec<Outgoing>,
+    /// Requests are copied here, many to one allocation, to be prepared.
+    arena: BytesMut,
+}
+
+/// A prepared request, and the waiting slot its answer goes to.
+struct Outgoing {
+    request: Bytes,
+    slot: usize,
+    ticket: u64,
+}
+
+impl Member {
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct Shared<C: Correlate> {
@@ -223,13 +247,17 @@ struct Shared<C: Correlate> {
     timeout: Duration,
     /// Largest answer read (the receive buffers' size).
     max_answer: usize,
-    started: tokio::time::Instant,
-    /// Numbers each waiting request, so a request only removes its own.
-    tickets: AtomicU64,
+    max_outstanding: usize,
+    /// Each socket's receive buffer: room for the answers due on it.
+    recv_buffer: usize,
     pool: Mutex<Pool>,
-    /// Requests waiting for their answer, by key: the socket they left
-    /// from, and where their answer goes.
-    pending: Mutex<Pending<C::Key>>,
+    table: Mutex<Table<C::Key>>,
+    /// Places taken: requests outstanding, and places reserved by
+    /// `poll_ready` for the next call.
+    outstanding: AtomicUsize,
+    /// Callers waiting in `poll_ready` for a place.
+    place_waiters: Mutex<Vec<Waker>>,
+    has_place_waiters: AtomicBool,
     sent: AtomicU64,
     answered: AtomicU64,
     timed_out: AtomicU64,
@@ -237,19 +265,57 @@ struct Shared<C: Correlate> {
     rotations: AtomicU64,
 }
 
-/// Requests waiting for their answer, by key: the socket each left from,
-/// and where its answer goes.
-type Pending<K> = HashMap<K, Waiter>;
+/// Requests waiting for their answer: a slot each, found by the key their
+/// answer must carry while no answer has come.
+struct Table<K> {
+    slots: Slab<Slot<K>>,
+    by_key: HashMap<K, usize>,
+    /// Tells a slot from a later one at the same place.
+    next_ticket: u64,
+}
 
-/// A request waiting for its answer.
-struct Waiter {
-    /// Tells this request from a later one with the same key.
+struct Slot<K> {
+    key: K,
     ticket: u64,
-    /// The socket it left from.
+    /// The socket its request leaves from; only its answers count.
     member: u64,
     /// What was sent, for [`Correlate::accept`].
     request: Bytes,
-    answer: oneshot::Sender<Bytes>,
+    state: SlotState,
+}
+
+enum SlotState {
+    Waiting(Option<Waker>),
+    Done(Result<BytesMut, UpstreamError>),
+}
+
+impl<K: Hash + Eq> Table<K> {
+    /// Ends slot `slot` (of `ticket`) with `result` if it still waits,
+    /// and returns the waker to wake once the table is unlocked.
+    fn finish(
+        &mut self,
+        slot: usize,
+        ticket: u64,
+        result: Result<BytesMut, UpstreamError>,
+    ) -> Option<Waker> {
+        let entry = self.slots.get_mut(slot).filter(|s| s.ticket == ticket)?;
+        let SlotState::Waiting(waker) = &mut entry.state else {
+            return None;
+        };
+        let waker = waker.take();
+        entry.state = SlotState::Done(result);
+        if self.by_key.get(&entry.key) == Some(&slot) {
+            self.by_key.remove(&entry.key);
+        }
+        waker
+    }
+
+    /// Whether slot `slot` of `ticket` still waits for its answer.
+    fn waiting(&self, slot: usize, ticket: u64) -> bool {
+        self.slots
+            .get(slot)
+            .is_some_and(|s| s.ticket == ticket && matches!(s.state, SlotState::Waiting(_)))
+    }
 }
 
 struct Pool {
@@ -267,13 +333,24 @@ struct Pool {
 ///
 /// See the [module docs](self).
 pub struct Upstream<C: Correlate> {
-    limited: ConcurrencyLimit<Core<C>>,
+    shared: Arc<Shared<C>>,
+    /// A place reserved by `poll_ready` for the next call.
+    reserved: bool,
 }
 
 impl<C: Correlate> Clone for Upstream<C> {
     fn clone(&self) -> Self {
         Self {
-            limited: self.limited.clone(),
+            shared: self.shared.clone(),
+            reserved: false,
+        }
+    }
+}
+
+impl<C: Correlate> Drop for Upstream<C> {
+    fn drop(&mut self) {
+        if self.reserved {
+            self.shared.release();
         }
     }
 }
@@ -281,21 +358,8 @@ impl<C: Correlate> Clone for Upstream<C> {
 impl<C: Correlate> fmt::Debug for Upstream<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
-            .field("addr", &self.limited.get_ref().shared.addr)
+            .field("addr", &self.shared.addr)
             .finish_non_exhaustive()
-    }
-}
-
-/// The client without its outstanding bound.
-struct Core<C: Correlate> {
-    shared: Arc<Shared<C>>,
-}
-
-impl<C: Correlate> Clone for Core<C> {
-    fn clone(&self) -> Self {
-        Self {
-            shared: self.shared.clone(),
-        }
     }
 }
 
@@ -323,7 +387,7 @@ impl<C: Correlate> Upstream<C> {
     ///
     /// See the [module docs](self).
     pub fn stats(&self) -> UpstreamStats {
-        let shared = &self.limited.get_ref().shared;
+        let shared = &self.shared;
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         UpstreamStats {
             sent: load(&shared.sent),
@@ -332,6 +396,40 @@ impl<C: Correlate> Upstream<C> {
             unmatched: load(&shared.unmatched),
             rotations: load(&shared.rotations),
         }
+    }
+
+    /// Sends `request` if fewer than `max_outstanding` requests are
+    /// outstanding; `None` at the bound, so a caller sheds load (or tries
+    /// another upstream) instead of queueing. The request is copied as it
+    /// is prepared: a borrowed slice will do.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # use abyss::upstream::{Correlate, Upstream};
+    /// # struct Any;
+    /// # impl Correlate for Any {
+    /// #     type Key = u8;
+    /// #     fn prepare(&self, r: &mut abyss::BytesMut) -> Option<u8> { r.first().copied() }
+    /// #     fn key(&self, a: &[u8]) -> Option<u8> { a.first().copied() }
+    /// # }
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), abyss::upstream::UpstreamError> {
+    /// let upstream = Upstream::builder("127.0.0.1:9".parse().unwrap(), Any)
+    ///     .max_outstanding(1)
+    ///     .build()?;
+    /// let first = upstream.try_call(b"\x01 to the discard port");
+    /// assert!(first.is_some());
+    /// assert!(upstream.try_call(b"\x02").is_none(), "one outstanding at most");
+    /// drop(first);
+    /// assert!(upstream.try_call(b"\x03").is_some(), "the place is back");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn try_call(&self, request: &[u8]) -> Option<Answer<C>> {
+        self.shared
+            .try_reserve()
+            .then(|| self.shared.answer(request))
     }
 
     /// The local addresses of the sockets now in use.
@@ -354,8 +452,7 @@ impl<C: Correlate> Upstream<C> {
     /// # }
     /// ```
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        let shared = &self.limited.get_ref().shared;
-        shared
+        self.shared
             .pool()
             .members
             .iter()
@@ -486,14 +583,22 @@ impl<C: Correlate> UpstreamBuilder<C> {
             rotate_after: self.rotate_after,
             timeout: self.timeout,
             max_answer: self.max_answer,
-            started: tokio::time::Instant::now(),
-            tickets: AtomicU64::new(0),
+            max_outstanding: self.max_outstanding,
+            recv_buffer: (self.max_outstanding.saturating_mul(self.max_answer) / self.sockets)
+                .clamp(256 << 10, 4 << 20),
             pool: Mutex::new(Pool {
                 members: Vec::with_capacity(self.sockets),
                 next: 0,
                 next_id: 0,
             }),
-            pending: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table {
+                slots: Slab::new(),
+                by_key: HashMap::new(),
+                next_ticket: 0,
+            }),
+            outstanding: AtomicUsize::new(0),
+            place_waiters: Mutex::new(Vec::new()),
+            has_place_waiters: AtomicBool::new(false),
             sent: AtomicU64::new(0),
             answered: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
@@ -508,277 +613,563 @@ impl<C: Correlate> UpstreamBuilder<C> {
             }
         }
         Ok(Upstream {
-            limited: ConcurrencyLimit::new(Core { shared }, self.max_outstanding),
+            shared,
+            reserved: false,
         })
     }
 }
 
-impl<C: Correlate> Shared<C> {
-    /// Nanoseconds since the client started.
-    fn elapsed(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
+/// Requests are copied into arenas of this size (one allocation for
+/// many), and answers likewise.
+const ARENA: usize = 64 * 1024;
 
+/// Datagrams per system call, each way.
+const BATCH: usize = 32;
+
+impl<C: Correlate> Drop for Shared<C> {
+    fn drop(&mut self) {
+        // The sockets' tasks end at their next turn: give them one.
+        for member in &self.pool().members {
+            member.task.wake();
+        }
+    }
+}
+
+impl<C: Correlate> Shared<C> {
     fn pool(&self) -> MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pending(&self) -> MutexGuard<'_, Pending<C::Key>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn table(&self) -> MutexGuard<'_, Table<C::Key>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A fresh socket on a port the kernel picks, with its reader.
+    /// Takes a place if one is free.
+    fn try_reserve(&self) -> bool {
+        self.outstanding
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max_outstanding).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a place back, and wakes the callers waiting for one.
+    fn release(&self) {
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        if self.has_place_waiters.load(Ordering::SeqCst) {
+            let waiters = {
+                let mut waiters = self.place_waiters.lock().unwrap_or_else(|e| e.into_inner());
+                self.has_place_waiters.store(false, Ordering::SeqCst);
+                std::mem::take(&mut *waiters)
+            };
+            // All of them: one that is gone would otherwise keep the
+            // place from the others.
+            for waker in waiters {
+                waker.wake();
+            }
+        }
+    }
+
+    /// A fresh socket on a port the kernel picks, with its task.
     fn open(self: &Arc<Self>, pool: &mut Pool) -> io::Result<Arc<Member>> {
         let any: SocketAddr = match self.addr {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         };
-        let transport = Arc::new(UdpTransport::bind(
-            any,
-            &UdpOptions::new().share_port(false),
-        )?);
+        // A burst of answers must not overflow the socket while its task
+        // waits for a turn (the system caps the size at its maximum).
+        let options = UdpOptions::new()
+            .share_port(false)
+            .recv_buffer_size(self.recv_buffer);
+        let transport = UdpTransport::bind(any, &options)?;
         pool.next_id += 1;
         let member = Arc::new(Member {
             id: pool.next_id,
             transport,
-            sent: AtomicU64::new(0),
-            retired_at: AtomicU64::new(0),
+            assigned: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            outbox: Mutex::new(Outbox {
+                queue: Vec::new(),
+                arena: BytesMut::new(),
+            }),
+            task: AtomicWaker::new(),
         });
-        tokio::spawn(read_answers(Arc::downgrade(self), member.clone()));
+        tokio::spawn(run_socket(Arc::downgrade(self), member.clone()));
         Ok(member)
     }
 
-    /// Registers `request`, sent from socket `member`, as waiting for the
-    /// answer with `key`; `None` if that key is already waited for.
-    fn wait_for(
-        &self,
-        key: &C::Key,
-        member: u64,
-        request: Bytes,
-    ) -> Option<(u64, oneshot::Receiver<Bytes>)> {
-        let mut pending = self.pending();
-        if pending.contains_key(key) {
-            return None;
-        }
-        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        let (answer, receiver) = oneshot::channel();
-        pending.insert(
-            key.clone(),
-            Waiter {
-                ticket,
-                member,
-                request,
-                answer,
-            },
-        );
-        Some((ticket, receiver))
-    }
-
     /// The socket the next request leaves from, replacing one that has
-    /// sent its share.
+    /// been given its share.
     fn member(self: &Arc<Self>) -> io::Result<Arc<Member>> {
         let mut pool = self.pool();
         let at = pool.next % pool.members.len();
         pool.next = pool.next.wrapping_add(1);
-        if pool.members[at].sent.load(Ordering::Relaxed) >= self.rotate_after {
+        if pool.members[at].assigned.load(Ordering::Relaxed) >= self.rotate_after {
             let fresh = self.open(&mut pool)?;
-            // The old socket's reader goes on a timeout longer, for the
-            // answers still due on it, then ends.
-            pool.members[at]
-                .retired_at
-                .store(self.elapsed().saturating_add(1), Ordering::Relaxed);
-            pool.members[at] = fresh;
+            let old = std::mem::replace(&mut pool.members[at], fresh);
+            // It sends what it was given, reads the answers still due,
+            // then closes.
+            old.retired.store(true, Ordering::SeqCst);
+            old.task.wake();
             self.rotations.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(pool.members[at].clone())
+        let member = pool.members[at].clone();
+        member.assigned.fetch_add(1, Ordering::Relaxed);
+        Ok(member)
+    }
+
+    /// Sends `request` on a place already taken.
+    fn answer(self: &Arc<Self>, request: &[u8]) -> Answer<C> {
+        let state = match self.send(request) {
+            Ok((slot, ticket)) => AnswerState::Waiting { slot, ticket },
+            Err(error) => AnswerState::Failed(error),
+        };
+        Answer {
+            shared: self.clone(),
+            state,
+        }
+    }
+
+    /// Prepares `request`, registers the slot its answer goes to, and
+    /// hands it to a socket's task to send.
+    fn send(self: &Arc<Self>, request: &[u8]) -> Result<(usize, u64), UpstreamError> {
+        let member = self.member().map_err(UpstreamError::Send)?;
+        let mut buffer = {
+            let mut outbox = member.outbox();
+            let arena = &mut outbox.arena;
+            if arena.capacity() < request.len() {
+                arena.reserve(request.len().max(ARENA));
+            }
+            arena.extend_from_slice(request);
+            arena.split()
+        };
+        let mut tries = 0;
+        let (slot, ticket, request) = loop {
+            // The protocol's code runs outside the client's locks, and a
+            // panic in it fails this request only.
+            let prepared = catch_unwind(AssertUnwindSafe(|| self.correlate.prepare(&mut buffer)));
+            let key = prepared.ok().flatten().ok_or(UpstreamError::Unprepared)?;
+            let mut table = self.table();
+            if table.by_key.contains_key(&key) {
+                // A key already waited for: prepare afresh (a new ID).
+                tries += 1;
+                if tries > 16 {
+                    return Err(UpstreamError::Unprepared);
+                }
+                continue;
+            }
+            let request = std::mem::take(&mut buffer).freeze();
+            let ticket = table.next_ticket;
+            table.next_ticket += 1;
+            let slot = table.slots.insert(Slot {
+                key: key.clone(),
+                ticket,
+                member: member.id,
+                request: request.clone(),
+                state: SlotState::Waiting(None),
+            });
+            table.by_key.insert(key, slot);
+            break (slot, ticket, request);
+        };
+        let was_idle = {
+            let mut outbox = member.outbox();
+            let was_idle = outbox.queue.is_empty();
+            outbox.queue.push(Outgoing {
+                request,
+                slot,
+                ticket,
+            });
+            was_idle
+        };
+        // A queue that held something has its wake-up on the way.
+        if was_idle {
+            member.task.wake();
+        }
+        Ok((slot, ticket))
     }
 }
 
-/// Reads the answers that come to `member`'s socket and hands each to the
-/// request that waits for it. Ends when the client is gone, or when the
-/// socket has been rotated out and nothing waits for it any more.
-async fn read_answers<C: Correlate>(shared: std::sync::Weak<Shared<C>>, member: Arc<Member>) {
-    const BATCH: usize = 32;
-    let size = shared.upgrade().map_or(0, |shared| shared.max_answer);
-    let mut buffers = vec![vec![0u8; size]; BATCH];
-    let mut meta = [RecvMeta::default(); BATCH];
-    let mut arena = BytesMut::new();
-    loop {
-        let received = {
-            let transport = &member.transport;
-            let idle = tokio::time::sleep(Duration::from_millis(500));
-            tokio::pin!(idle);
-            poll_fn(|cx| {
-                let mut bufs: [IoSliceMut<'_>; BATCH] =
-                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
-                for (slot, buffer) in bufs.iter_mut().zip(buffers.iter_mut()) {
-                    *slot = IoSliceMut::new(buffer);
-                }
-                match transport.poll_recv(cx, &mut bufs, &mut meta) {
-                    Poll::Ready(result) => Poll::Ready(Some(result)),
-                    Poll::Pending => idle.as_mut().poll(cx).map(|()| None),
-                }
-            })
-            .await
-        };
-        let Some(shared) = shared.upgrade() else {
+/// A socket's task: sends what its callers queue, many datagrams per
+/// system call; reads the answers likewise and hands each to the request
+/// that waits for it; ends the requests whose deadline passed. Ends when
+/// the client is gone, or when the socket has been rotated out and
+/// nothing is due on it any more.
+async fn run_socket<C: Correlate>(shared: Weak<Shared<C>>, member: Arc<Member>) {
+    let mut task = SocketTask {
+        shared,
+        member,
+        sending: Vec::new(),
+        next_to_send: 0,
+        in_flight: VecDeque::new(),
+        buffers: Vec::new(),
+        meta: [RecvMeta::default(); BATCH],
+        answers: BytesMut::new(),
+        wake: Vec::new(),
+        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        timer_set: false,
+    };
+    poll_fn(|cx| task.poll(cx)).await;
+}
+
+struct SocketTask<C: Correlate> {
+    shared: Weak<Shared<C>>,
+    member: Arc<Member>,
+    /// Taken from the outbox; sent up to `next_to_send`.
+    sending: Vec<Outgoing>,
+    next_to_send: usize,
+    /// Requests handed over, oldest first, with their deadline: the front
+    /// is the next to time out.
+    in_flight: VecDeque<(Instant, usize, u64)>,
+    buffers: Vec<Vec<u8>>,
+    meta: [RecvMeta; BATCH],
+    /// Answers are copied here, many to one allocation.
+    answers: BytesMut,
+    /// Wakers of requests ended this turn, woken once the table is free.
+    wake: Vec<Waker>,
+    /// Fires at the front's deadline (or earlier: it is moved only when it
+    /// fires).
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timer_set: bool,
+}
+
+/// Ends the requests still waiting on a socket whose task is gone (the
+/// runtime shut down, say): they would otherwise wait forever.
+impl<C: Correlate> Drop for SocketTask<C> {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        // A socket rotated out is read for one timeout more (what was sent
-        // from it is due by then), then closed, whatever still comes.
-        let retired_at = member.retired_at.load(Ordering::Relaxed);
-        if retired_at != 0 {
-            let due =
-                Duration::from_nanos(retired_at) + shared.timeout + Duration::from_millis(100);
-            if shared.started.elapsed() > due {
-                return;
+        let mut table = shared.table();
+        let waiting: Vec<(usize, u64)> = table
+            .slots
+            .iter()
+            .filter(|(_, s)| s.member == self.member.id && matches!(s.state, SlotState::Waiting(_)))
+            .map(|(at, s)| (at, s.ticket))
+            .collect();
+        for (slot, ticket) in waiting {
+            if let Some(waker) = table.finish(slot, ticket, Err(UpstreamError::Closed)) {
+                self.wake.push(waker);
             }
         }
-        let count = match received {
-            Some(Ok(count)) => count,
-            // An ICMP error for an earlier send, or a quiet spell.
-            Some(Err(_)) | None => continue,
+        drop(table);
+        self.wake.drain(..).for_each(Waker::wake);
+    }
+}
+
+impl<C: Correlate> SocketTask<C> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Poll::Ready(());
         };
-        for (m, buffer) in meta.iter().zip(&buffers).take(count) {
-            let answer = &buffer[..m.len.min(buffer.len())];
-            let waiter = if m.peer == shared.addr && !m.truncated {
-                shared.correlate.key(answer).and_then(|key| {
-                    let mut pending = shared.pending();
-                    match pending.get(&key) {
-                        // Only on the socket its request left from, and
-                        // only if it answers what was asked.
-                        Some(waiter)
-                            if waiter.member == member.id
-                                && shared.correlate.accept(&waiter.request, answer) =>
-                        {
-                            pending.remove(&key)
-                        }
-                        _ => None,
-                    }
-                })
+        self.member.task.register(cx.waker());
+        let now = Instant::now();
+        self.take_outbox(&shared, now);
+        self.send(cx, &shared);
+        self.receive(cx, &shared);
+        self.expire(cx, &shared, now);
+        let retired = self.member.retired.load(Ordering::SeqCst);
+        if retired
+            && self.in_flight.is_empty()
+            && self.next_to_send == self.sending.len()
+            && self.member.outbox().queue.is_empty()
+        {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// Takes what callers queued; its deadlines start now.
+    fn take_outbox(&mut self, shared: &Shared<C>, now: Instant) {
+        if self.next_to_send == self.sending.len() {
+            self.sending.clear();
+            self.next_to_send = 0;
+        }
+        let first = self.sending.len();
+        {
+            let mut outbox = self.member.outbox();
+            if self.sending.is_empty() {
+                std::mem::swap(&mut self.sending, &mut outbox.queue);
             } else {
-                None
-            };
-            match waiter {
-                Some(waiter) => {
-                    if arena.capacity() < answer.len() {
-                        arena.reserve(answer.len().max(64 * 1024));
+                self.sending.append(&mut outbox.queue);
+            }
+        }
+        let deadline = now + shared.timeout;
+        self.in_flight.extend(
+            self.sending[first..]
+                .iter()
+                .map(|out| (deadline, out.slot, out.ticket)),
+        );
+    }
+
+    fn send(&mut self, cx: &mut Context<'_>, shared: &Shared<C>) {
+        let to = shared.addr;
+        while self.next_to_send < self.sending.len() {
+            let batch = &self.sending[self.next_to_send..];
+            let n = batch.len().min(BATCH);
+            let transmits: [Transmit<'_>; BATCH] = std::array::from_fn(|i| {
+                Transmit::new(to, batch.get(i).map_or(&[][..], |out| &out.request[..]))
+            });
+            match self.member.transport.poll_send(cx, &transmits[..n]) {
+                Poll::Ready(Ok(sent)) => {
+                    let sent = sent.clamp(1, n);
+                    self.next_to_send += sent;
+                    shared.sent.fetch_add(sent as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Err(error)) => {
+                    // The first of the batch cannot be sent: it fails, the
+                    // rest go on.
+                    let out = &self.sending[self.next_to_send];
+                    self.next_to_send += 1;
+                    let waker = shared.table().finish(
+                        out.slot,
+                        out.ticket,
+                        Err(UpstreamError::Send(error)),
+                    );
+                    if let Some(waker) = waker {
+                        waker.wake();
                     }
-                    arena.extend_from_slice(answer);
-                    // Counted before the caller can see the answer.
-                    shared.answered.fetch_add(1, Ordering::Relaxed);
-                    let _ = waiter.answer.send(arena.split().freeze());
                 }
-                _ => {
-                    shared.unmatched.fetch_add(1, Ordering::Relaxed);
-                }
+                Poll::Pending => return,
             }
         }
     }
-}
 
-/// Removes a request from the pending table however its future ends.
-struct Waiting<C: Correlate> {
-    shared: Arc<Shared<C>>,
-    key: Option<C::Key>,
-    ticket: u64,
-}
-
-impl<C: Correlate> Drop for Waiting<C> {
-    fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            let mut pending = self.shared.pending();
-            // Its own entry only: once answered, the key may be waited for
-            // by a later request.
-            if pending.get(&key).is_some_and(|w| w.ticket == self.ticket) {
-                pending.remove(&key);
-            }
+    fn receive(&mut self, cx: &mut Context<'_>, shared: &Shared<C>) {
+        if self.buffers.is_empty() {
+            self.buffers = vec![vec![0u8; shared.max_answer]; BATCH];
         }
-    }
-}
-
-impl<C: Correlate> Service<Bytes> for Core<C> {
-    type Response = Bytes;
-    type Error = UpstreamError;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Bytes) -> Self::Future {
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            let mut request = BytesMut::from(request);
-            let (answer, waiting, member, request) = {
-                let mut tries = 0;
-                loop {
-                    let key = shared
-                        .correlate
-                        .prepare(&mut request)
-                        .ok_or(UpstreamError::Unprepared)?;
-                    let member = shared.member().map_err(UpstreamError::Send)?;
-                    let sent = std::mem::take(&mut request).freeze();
-                    match shared.wait_for(&key, member.id, sent.clone()) {
-                        Some((ticket, receiver)) => {
-                            let waiting = Waiting {
-                                shared: shared.clone(),
-                                key: Some(key),
-                                ticket,
-                            };
-                            break (receiver, waiting, member, sent);
-                        }
-                        // A key already waited for: prepare afresh (a new ID).
-                        None if tries < 16 => {
-                            tries += 1;
-                            request = BytesMut::from(&sent[..]);
-                        }
-                        None => return Err(UpstreamError::Unprepared),
-                    }
+        // Bounded, so one busy socket cannot hold the worker.
+        for _ in 0..16 {
+            let received = {
+                let mut bufs: [IoSliceMut<'_>; BATCH] =
+                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                for (slot, buffer) in bufs.iter_mut().zip(self.buffers.iter_mut()) {
+                    *slot = IoSliceMut::new(buffer);
                 }
-            };
-            let to = shared.addr;
-            let sent = poll_fn(|cx| {
-                member
+                self.member
                     .transport
-                    .poll_send(cx, &[Transmit::new(to, &request)])
-            })
-            .await;
-            match sent {
-                Ok(n) if n >= 1 => {}
-                Ok(_) => {
-                    return Err(UpstreamError::Send(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "not sent",
-                    )));
-                }
-                Err(error) => return Err(UpstreamError::Send(error)),
+                    .poll_recv(cx, &mut bufs, &mut self.meta)
+            };
+            match received {
+                Poll::Ready(Ok(count)) => self.match_answers(shared, count),
+                // An ICMP error for an earlier send.
+                Poll::Ready(Err(_)) => {}
+                Poll::Pending => return,
             }
-            member.sent.fetch_add(1, Ordering::Relaxed);
-            shared.sent.fetch_add(1, Ordering::Relaxed);
-            let _waiting = waiting;
-            match tokio::time::timeout(shared.timeout, answer).await {
-                Ok(Ok(answer)) => Ok(answer),
-                Ok(Err(_)) => Err(UpstreamError::Closed),
-                Err(_) => {
-                    shared.timed_out.fetch_add(1, Ordering::Relaxed);
-                    Err(UpstreamError::TimedOut)
+        }
+        cx.waker().wake_by_ref();
+    }
+
+    /// Hands each of the `count` datagrams received to the request waiting
+    /// for it, or counts it unmatched.
+    fn match_answers(&mut self, shared: &Shared<C>, count: usize) {
+        let mut table = shared.table();
+        let mut unmatched = 0;
+        for (m, buffer) in self.meta.iter().zip(&self.buffers).take(count) {
+            let answer = &buffer[..m.len.min(buffer.len())];
+            let found = (m.peer == shared.addr && !m.truncated)
+                .then(|| catch_unwind(AssertUnwindSafe(|| shared.correlate.key(answer))).ok())
+                .flatten()
+                .flatten()
+                .and_then(|key| table.by_key.get(&key).copied())
+                .and_then(|slot| {
+                    let entry = &table.slots[slot];
+                    // Only on the socket its request left from, and only
+                    // if it answers what was asked.
+                    let accepted = entry.member == self.member.id
+                        && catch_unwind(AssertUnwindSafe(|| {
+                            shared.correlate.accept(&entry.request, answer)
+                        }))
+                        .unwrap_or(false);
+                    accepted.then_some((slot, entry.ticket))
+                });
+            let Some((slot, ticket)) = found else {
+                unmatched += 1;
+                continue;
+            };
+            if self.answers.capacity() < answer.len() {
+                self.answers.reserve(answer.len().max(ARENA));
+            }
+            self.answers.extend_from_slice(answer);
+            let answer = self.answers.split();
+            // Counted before the caller can see the answer.
+            shared.answered.fetch_add(1, Ordering::Relaxed);
+            if let Some(waker) = table.finish(slot, ticket, Ok(answer)) {
+                self.wake.push(waker);
+            }
+        }
+        // What was answered leaves the front of the deadlines.
+        while let Some(&(_, slot, ticket)) = self.in_flight.front() {
+            if table.waiting(slot, ticket) {
+                break;
+            }
+            self.in_flight.pop_front();
+        }
+        drop(table);
+        if unmatched > 0 {
+            shared.unmatched.fetch_add(unmatched, Ordering::Relaxed);
+        }
+        self.wake.drain(..).for_each(Waker::wake);
+    }
+
+    /// Ends the requests whose deadline passed, and sets the timer for the
+    /// next.
+    fn expire(&mut self, cx: &mut Context<'_>, shared: &Shared<C>, now: Instant) {
+        loop {
+            let Some(&(deadline, ..)) = self.in_flight.front() else {
+                return;
+            };
+            if deadline <= now {
+                let mut table = shared.table();
+                while let Some(&(deadline, slot, ticket)) = self.in_flight.front() {
+                    if table.waiting(slot, ticket) {
+                        if deadline > now {
+                            break;
+                        }
+                        shared.timed_out.fetch_add(1, Ordering::Relaxed);
+                        if let Some(waker) =
+                            table.finish(slot, ticket, Err(UpstreamError::TimedOut))
+                        {
+                            self.wake.push(waker);
+                        }
+                    }
+                    self.in_flight.pop_front();
+                }
+                drop(table);
+                self.wake.drain(..).for_each(Waker::wake);
+                continue;
+            }
+            // Moved only once it fired: deadlines only grow, so a timer
+            // set for an earlier front fires early, once, and is moved on
+            // at the next turn.
+            if !self.timer_set {
+                self.timer.as_mut().reset(deadline);
+                self.timer_set = true;
+            }
+            if self.timer.as_mut().poll(cx).is_ready() {
+                self.timer_set = false;
+                cx.waker().wake_by_ref();
+            }
+            return;
+        }
+    }
+}
+
+/// The future of a request's answer.
+///
+/// # Example
+///
+/// See the [module docs](self).
+#[must_use = "futures do nothing unless polled"]
+pub struct Answer<C: Correlate> {
+    shared: Arc<Shared<C>>,
+    state: AnswerState,
+}
+
+enum AnswerState {
+    Waiting { slot: usize, ticket: u64 },
+    Failed(UpstreamError),
+    Finished,
+}
+
+impl<C: Correlate> fmt::Debug for Answer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Answer").finish_non_exhaustive()
+    }
+}
+
+impl<C: Correlate> Future for Answer<C> {
+    type Output = Result<BytesMut, UpstreamError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let result = match std::mem::replace(&mut this.state, AnswerState::Finished) {
+            AnswerState::Waiting { slot, ticket } => {
+                let mut table = this.shared.table();
+                match table.slots.get_mut(slot).filter(|s| s.ticket == ticket) {
+                    Some(entry) => match &mut entry.state {
+                        SlotState::Waiting(waker) => {
+                            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                                *waker = Some(cx.waker().clone());
+                            }
+                            this.state = AnswerState::Waiting { slot, ticket };
+                            return Poll::Pending;
+                        }
+                        SlotState::Done(_) => match table.slots.remove(slot).state {
+                            SlotState::Done(result) => result,
+                            SlotState::Waiting(_) => unreachable!("checked above"),
+                        },
+                    },
+                    None => Err(UpstreamError::Closed),
                 }
             }
-        })
+            AnswerState::Failed(error) => Err(error),
+            AnswerState::Finished => Err(UpstreamError::Closed),
+        };
+        this.shared.release();
+        Poll::Ready(result)
+    }
+}
+
+impl<C: Correlate> Drop for Answer<C> {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, AnswerState::Finished) {
+            AnswerState::Finished => return,
+            AnswerState::Waiting { slot, ticket } => {
+                let mut table = self.shared.table();
+                if table.slots.get(slot).is_some_and(|s| s.ticket == ticket) {
+                    let entry = table.slots.remove(slot);
+                    // Its own key only: once answered, the key may be
+                    // waited for by a later request.
+                    if table.by_key.get(&entry.key) == Some(&slot) {
+                        table.by_key.remove(&entry.key);
+                    }
+                }
+            }
+            AnswerState::Failed(_) => {}
+        }
+        self.shared.release();
     }
 }
 
 impl<C: Correlate> Service<Bytes> for Upstream<C> {
-    type Response = Bytes;
+    type Response = BytesMut;
     type Error = UpstreamError;
-    type Future = tower::limit::concurrency::future::ResponseFuture<Answer>;
+    type Future = Answer<C>;
 
+    /// Ready while fewer than `max_outstanding` requests are outstanding;
+    /// a place is then reserved for the next call.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.limited.poll_ready(cx)
+        if self.reserved {
+            return Poll::Ready(Ok(()));
+        }
+        let shared = &self.shared;
+        if !shared.try_reserve() {
+            {
+                let mut waiters = shared
+                    .place_waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+                shared.has_place_waiters.store(true, Ordering::SeqCst);
+            }
+            // A place freed before the waker was in: take it now.
+            if !shared.try_reserve() {
+                return Poll::Pending;
+            }
+        }
+        self.reserved = true;
+        Poll::Ready(Ok(()))
     }
 
+    /// Sends `request`. Called without `poll_ready` first, it takes a
+    /// place over the bound.
     fn call(&mut self, request: Bytes) -> Self::Future {
-        self.limited.call(request)
+        if !std::mem::take(&mut self.reserved) {
+            self.shared.outstanding.fetch_add(1, Ordering::SeqCst);
+        }
+        self.shared.answer(&request)
     }
 }

@@ -239,12 +239,12 @@ async fn upstreams_compose_with_towers_balance_retry_and_load_shed() {
     // Retry: a request that times out on a silent upstream is tried again.
     #[derive(Clone)]
     struct Twice(usize);
-    impl tower::retry::Policy<Bytes, Bytes, UpstreamError> for Twice {
+    impl tower::retry::Policy<Bytes, BytesMut, UpstreamError> for Twice {
         type Future = std::future::Ready<()>;
         fn retry(
             &mut self,
             _request: &mut Bytes,
-            result: &mut Result<Bytes, UpstreamError>,
+            result: &mut Result<BytesMut, UpstreamError>,
         ) -> Option<Self::Future> {
             match result {
                 Err(UpstreamError::TimedOut) if self.0 > 0 => {
