@@ -6,10 +6,13 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tower::BoxError;
 
@@ -105,45 +108,172 @@ where
     }
 }
 
-/// A service future that had to wait, in the box it was first polled in.
-pub(super) struct Staged<F>(pub(super) Pin<Box<Option<InFlight<F>>>>);
+/// The service futures of a listener that had to wait.
+///
+/// Like `FuturesUnordered`, but nothing is allocated per future once the
+/// set has grown to the listener's concurrency: each slot keeps its box
+/// and its waker for the next future. A slot's waker queues the slot and
+/// wakes the listener; the listener polls the queued slots only.
+pub(super) struct InFlightSet<F> {
+    slots: Vec<Slot<F>>,
+    /// Empty slots, to be used again.
+    free: Vec<usize>,
+    /// Slots whose futures are in the set.
+    len: usize,
+    ready: Arc<ReadyQueue>,
+    /// Slots taken from `ready`, still to poll.
+    polling: Vec<usize>,
+}
 
-impl<F> Staged<F> {
-    /// The peer whose datagram this is, while it is unfinished.
-    pub(super) fn peer(&self) -> Option<SocketAddr> {
-        self.0.as_ref().as_pin_ref().map(|f| f.peer)
+struct Slot<F> {
+    future: Pin<Box<Option<InFlight<F>>>>,
+    wake: Arc<SlotWake>,
+    waker: Waker,
+}
+
+/// Slots woken since the listener last looked, and the listener's waker.
+struct ReadyQueue {
+    slots: Mutex<Vec<usize>>,
+    listener: AtomicWaker,
+}
+
+struct SlotWake {
+    index: usize,
+    /// Already in the queue: not queued twice.
+    queued: AtomicBool,
+    ready: Arc<ReadyQueue>,
+}
+
+impl Wake for SlotWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.ready
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.index);
+            self.ready.listener.wake();
+        }
     }
 }
 
-impl<F, R, E> Future for Staged<F>
+impl<F, R, E> InFlightSet<F>
 where
     F: Future<Output = Result<R, E>>,
     R: IntoReply,
     E: Into<BoxError>,
 {
-    type Output = Done;
+    pub(super) fn new() -> Self {
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+            ready: Arc::new(ReadyQueue {
+                slots: Mutex::new(Vec::new()),
+                listener: AtomicWaker::new(),
+            }),
+            polling: Vec::new(),
+        }
+    }
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done> {
-        let Some(in_flight) = self.0.as_mut().as_pin_mut() else {
-            // Emptied by a panic while dropping, after it finished: never
-            // polled again by the in-flight set.
-            return Poll::Pending;
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Polls `future` once in a slot of the set: its outcome if it
+    /// finished at once, or `None` and it stays until it does.
+    pub(super) fn start(&mut self, future: InFlight<F>) -> Option<Done> {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                let index = self.slots.len();
+                let wake = Arc::new(SlotWake {
+                    index,
+                    queued: AtomicBool::new(false),
+                    ready: self.ready.clone(),
+                });
+                self.slots.push(Slot {
+                    future: Box::pin(None),
+                    waker: Waker::from(wake.clone()),
+                    wake,
+                });
+                index
+            }
         };
-        let mut done = ready!(in_flight.poll(cx));
-        // Drop the finished future now rather than with the task node; a
-        // panic in its destructor is the datagram's outcome.
-        if let Err(message) = drop_caught(self.0.as_mut()) {
+        self.slots[index].future.as_mut().set(Some(future));
+        self.len += 1;
+        self.poll_slot(index)
+    }
+
+    /// Polls slot `index`; empties it if its future finished.
+    fn poll_slot(&mut self, index: usize) -> Option<Done> {
+        let slot = &mut self.slots[index];
+        slot.wake.queued.store(false, Ordering::Release);
+        let future = slot.future.as_mut().as_pin_mut()?;
+        let mut done = match future.poll(&mut Context::from_waker(&slot.waker)) {
+            Poll::Ready(done) => done,
+            Poll::Pending => return None,
+        };
+        // Dropped now; a panic in its destructor is the datagram's outcome.
+        if let Err(message) = drop_caught(slot.future.as_mut()) {
             done.finished = Finished::Panicked(message);
         }
-        Poll::Ready(done)
+        self.free.push(index);
+        self.len -= 1;
+        Some(done)
+    }
+
+    /// The next future to finish among those woken.
+    pub(super) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Done> {
+        self.ready.listener.register(cx.waker());
+        if self.polling.is_empty() {
+            // Taken once per call: a future that wakes itself while polled
+            // waits for the listener's next turn.
+            std::mem::swap(
+                &mut self.polling,
+                &mut *self.ready.slots.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            self.polling.reverse();
+        }
+        while let Some(index) = self.polling.pop() {
+            if let Some(done) = self.poll_slot(index) {
+                return Poll::Ready(done);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// The peers of the futures in the set.
+    pub(super) fn peers(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.future.as_ref().as_pin_ref().map(|f| f.peer))
+    }
+
+    /// Drops every future in the set, catching panics in their
+    /// destructors.
+    pub(super) fn clear(&mut self) {
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if slot.future.is_some() {
+                let _ = drop_caught(slot.future.as_mut());
+                self.free.push(index);
+            }
+        }
+        self.len = 0;
     }
 }
 
-impl<F> Drop for Staged<F> {
+impl<F> Drop for InFlightSet<F> {
     fn drop(&mut self) {
-        // An unfinished future dropped at abort: its destructor must not
-        // take the listener down with it.
-        let _ = drop_caught(self.0.as_mut());
+        // An unfinished future dropped with the listener: its destructor
+        // must not take the listener down with it.
+        for slot in &mut self.slots {
+            let _ = drop_caught(slot.future.as_mut());
+        }
     }
 }
 

@@ -14,21 +14,16 @@ use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use tower::{BoxError, Service};
 
 use self::drop_log::{DropLog, LogGate};
-use self::in_flight::{
-    Done, Finished, InFlight, Staged, Timed, drop_caught, drop_value, panic_message,
-};
+use self::in_flight::{Done, Finished, InFlight, InFlightSet, Timed, drop_value, panic_message};
 use self::placement::Placement;
 use self::receive::{Batch, Received, Receiver};
 use self::send::{Outbox, Outgoing};
@@ -145,13 +140,11 @@ pub(crate) struct Listener<S, F> {
     paused: bool,
     receiver: Receiver,
     pending: VecDeque<Received>,
-    in_flight: FuturesUnordered<Staged<F>>,
+    in_flight: InFlightSet<F>,
     /// Service futures running on the runtime's workers.
     spawned: tokio::task::JoinSet<Done>,
     /// Whether new service futures run here or on the workers.
     placement: Placement,
-    /// Where a new service future is first polled; see `dispatch`.
-    staging: Pin<Box<Option<InFlight<F>>>>,
     outbox: Outbox,
     panic_log: LogGate,
     drop_log: DropLog,
@@ -190,10 +183,9 @@ where
             paused: false,
             receiver,
             pending: VecDeque::new(),
-            in_flight: FuturesUnordered::new(),
+            in_flight: InFlightSet::new(),
             spawned: tokio::task::JoinSet::new(),
             placement: Placement::new(settings.dispatch, settings.busy.clone(), settings.index),
-            staging: Box::pin(None),
             outbox,
             panic_log: LogGate::default(),
             drop_log: DropLog::default(),
@@ -280,12 +272,10 @@ where
         let aborted = self.occupancy() as u64;
         // Datagrams still pending never started: no `stop` for them.
         self.pending.clear();
-        for staged in self.in_flight.iter() {
-            if let Some(peer) = staged.peer() {
-                tracing::trace!(target: CONNECTION, peer = %peer, outcome = "aborted", "stop");
-            }
+        for peer in self.in_flight.peers() {
+            tracing::trace!(target: CONNECTION, peer = %peer, outcome = "aborted", "stop");
         }
-        // Each future's destructor runs under a catch (see `Staged`).
+        // Each future's destructor runs under a catch.
         self.in_flight.clear();
         // Dropping the set aborts its tasks. Their peers are not known
         // here: no `stop` for them.
@@ -307,7 +297,7 @@ where
             let started = measuring.then(Instant::now);
             let mut dispatched = 0u32;
 
-            while let Poll::Ready(Some(done)) = self.in_flight.poll_next_unpin(cx) {
+            while let Poll::Ready(done) = self.in_flight.poll_next(cx) {
                 self.finish(done);
                 progress = true;
             }
@@ -348,7 +338,7 @@ where
                 dispatched += 1;
                 tracing::trace!(target: CONNECTION, peer = %received.peer, len = received.payload.len(), "start");
                 match std::mem::replace(&mut self.readiness, Readiness::Unknown) {
-                    Readiness::Ready => self.dispatch(received, cx),
+                    Readiness::Ready => self.dispatch(received),
                     Readiness::Unknown => unreachable!("poll_service_ready leaves a result"),
                     Readiness::Failed(error) => {
                         self.count_because(received.peer, Outcome::HandlerError, Some(&error));
@@ -446,7 +436,7 @@ where
         }
     }
 
-    fn dispatch(&mut self, received: Received, cx: &mut Context<'_>) {
+    fn dispatch(&mut self, received: Received) {
         let local = SocketAddr::new(
             received.dst_ip.unwrap_or(self.local.ip()),
             self.local.port(),
@@ -477,27 +467,12 @@ where
             });
             return;
         }
-        // Poll once in place: a service that answers at once (most do) costs
-        // no allocation. Only a future that has to wait moves, with its box,
-        // into the in-flight set, and a new box takes its place.
-        self.staging.as_mut().set(Some(in_flight));
-        let polled = self
-            .staging
-            .as_mut()
-            .as_pin_mut()
-            .expect("just staged")
-            .poll(cx);
-        match polled {
-            Poll::Ready(mut done) => {
-                if let Err(message) = drop_caught(self.staging.as_mut()) {
-                    done.finished = Finished::Panicked(message);
-                }
-                self.finish(done);
-            }
-            Poll::Pending => {
-                let waiting = std::mem::replace(&mut self.staging, Box::pin(None));
-                self.in_flight.push(Staged(waiting));
-            }
+        // Polled once in a slot of the in-flight set: a service that
+        // answers at once (most do) leaves it empty again; one that has to
+        // wait stays. Either way nothing is allocated once the set has
+        // grown to the listener's concurrency.
+        if let Some(done) = self.in_flight.start(in_flight) {
+            self.finish(done);
         }
     }
 
