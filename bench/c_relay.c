@@ -1,4 +1,4 @@
-/* Ceiling for the DNS benchmark: the least a UDP forwarder can do. It
+/* Reference point for the DNS benchmark: the least a UDP forwarder does. It
  * moves up to 32 datagrams per system call with recvmmsg/sendmmsg both
  * ways, gives each query the next 16-bit ID, remembers the client by that
  * ID and puts the client's ID back on the answer. No parsing, no checks,

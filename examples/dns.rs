@@ -284,12 +284,12 @@ where
     })
 }
 
-/// Opens the client of one upstream.
 /// The largest answer the forwarder reads from an upstream over UDP, in
 /// bytes: the EDNS size of each query it forwards is lowered to it, so no
 /// upstream sends a longer answer (one the forwarder would have to drop).
 pub const MAX_UPSTREAM_ANSWER: u16 = 4096;
 
+/// Opens the client of one upstream.
 fn open_upstream(addr: SocketAddr, timeout: Duration) -> Result<Upstream<DnsIds>, UpstreamError> {
     Upstream::builder(addr, DnsIds)
         .max_answer(MAX_UPSTREAM_ANSWER.into())

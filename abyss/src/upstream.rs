@@ -8,17 +8,26 @@
 //!
 //! [`Upstream`] sends each request from one of a pool of sockets bound to
 //! ports the kernel picks at random, replaced after a number of requests
-//! (so no port lives long enough to be learnt), and reads the answers in
-//! batches. The protocol says how requests and answers are matched
-//! ([`Correlate`]): [`Correlate::prepare`] readies each request (a fresh
-//! random ID, say) and names the key its answer must carry;
-//! [`Correlate::key`] reads the key of each answer. An answer from another
-//! address, on another socket than its request's, or with a key nobody
-//! waits for is dropped and counted as unmatched.
+//! (so no port lives long enough to be learnt). Each socket has one task
+//! that sends what its callers queued many datagrams per system call
+//! (`sendmmsg`), reads the answers likewise (`recvmmsg`), and ends the
+//! requests whose deadline passed, with one timer for all of them. The
+//! protocol says how requests and answers are matched ([`Correlate`]):
+//! [`Correlate::prepare`] readies each request (a fresh random ID, say)
+//! and names the key its answer must carry; [`Correlate::key`] reads the
+//! key of each answer. An answer from another address, on another socket
+//! than its request's, or with a key nobody waits for is dropped and
+//! counted as unmatched.
+//!
+//! Nothing is allocated per request: requests and answers are copied into
+//! shared 64 KiB arenas, waiting requests live in reused slots, and the
+//! answer comes as a [`BytesMut`] a proxy can rewrite in place (its
+//! client's ID, say) and send on.
 //!
 //! It composes with tower: `Timeout`, `Retry` (requests are `Bytes`,
 //! cheap to clone), `LoadShed` (readiness is the outstanding bound), and
-//! balancing over several upstreams.
+//! balancing over several upstreams. [`Upstream::try_call`] sheds at the
+//! bound without tower.
 //!
 //! # Example
 //!
@@ -103,11 +112,17 @@ pub trait Correlate: Send + Sync + 'static {
 
     /// Readies `request` to be sent (a fresh random ID, a randomised
     /// question case) and returns the key its answer must carry; `None`
-    /// when it cannot be sent (malformed), which fails the call.
+    /// when it cannot be sent (malformed), which fails the call. When the
+    /// key is already waited for, it is called again on its own output
+    /// (up to 16 times in all) for another. A panic in it fails the call.
     fn prepare(&self, request: &mut BytesMut) -> Option<Self::Key>;
 
     /// The key `answer` carries; `None` for something that is not an
     /// answer (counted unmatched).
+    ///
+    /// `key` and [`accept`](Correlate::accept) run on a socket's task
+    /// with the client's table locked: they must not use the client. A
+    /// panic in either counts the datagram unmatched.
     fn key(&self, answer: &[u8]) -> Option<Self::Key>;
 
     /// Whether `answer`, which carries the key of `request` (as sent),
@@ -171,7 +186,8 @@ pub struct UpstreamStats {
     /// Requests that got no answer in time.
     pub timed_out: u64,
     /// Datagrams that matched no request: from another address, on
-    /// another socket, late, or with a key nobody waits for.
+    /// another socket, late, with a key nobody waits for, or longer than
+    /// `max_answer` (cut short by the kernel).
     pub unmatched: u64,
     /// Sockets replaced by fresh ones on new random ports.
     pub rotations: u64,
@@ -214,6 +230,10 @@ struct Member {
     /// Whether it has been rotated out: it sends what it was given, reads
     /// the answers due, and closes.
     retired: AtomicBool,
+    /// Whether its task has ended (or will: it takes nothing more). Set
+    /// and read under the outbox lock, so a request is either queued
+    /// before the task's last look or refused.
+    closed: AtomicBool,
     outbox: Mutex<Outbox>,
     /// Its task, woken when the outbox gets work or it is retired.
     task: AtomicWaker,
@@ -308,6 +328,16 @@ impl<K: Hash + Eq> Table<K> {
             self.by_key.remove(&entry.key);
         }
         waker
+    }
+
+    /// Removes slot `slot` of `ticket`, and its key if it still names it.
+    fn remove(&mut self, slot: usize, ticket: u64) {
+        if self.slots.get(slot).is_some_and(|s| s.ticket == ticket) {
+            let entry = self.slots.remove(slot);
+            if self.by_key.get(&entry.key) == Some(&slot) {
+                self.by_key.remove(&entry.key);
+            }
+        }
     }
 
     /// Whether slot `slot` of `ticket` still waits for its answer.
@@ -484,7 +514,11 @@ impl<C: Correlate> UpstreamBuilder<C> {
         self
     }
 
-    /// How long a request waits for its answer (default 2 s).
+    /// How long a request waits for its answer (default 2 s), from when
+    /// its socket's task takes it to send (at once, unless the socket
+    /// cannot take more). Answered requests behind one still waiting are
+    /// forgotten when it ends: a socket remembers at most what it sends
+    /// in a timeout, 24 bytes each.
     ///
     /// # Example
     ///
@@ -628,7 +662,9 @@ const BATCH: usize = 32;
 
 impl<C: Correlate> Drop for Shared<C> {
     fn drop(&mut self) {
-        // The sockets' tasks end at their next turn: give them one.
+        // The sockets' tasks end at their next turn: give them one. (The
+        // retired ones, no longer in the pool, end when what is due on
+        // them is answered or times out.)
         for member in &self.pool().members {
             member.task.wake();
         }
@@ -681,6 +717,17 @@ impl<C: Correlate> Shared<C> {
         let options = UdpOptions::new()
             .share_port(false)
             .recv_buffer_size(self.recv_buffer);
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            io::Error::other("the upstream client must be used inside a tokio runtime")
+        })?;
+        // Its one timer, made here: a runtime without timers fails now,
+        // not in the task.
+        let timer =
+            catch_unwind(|| Box::pin(tokio::time::sleep(Duration::ZERO))).map_err(|_| {
+                io::Error::other(
+                    "the upstream client needs a tokio runtime with timers (enable_time)",
+                )
+            })?;
         let transport = UdpTransport::bind(any, &options)?;
         pool.next_id += 1;
         let member = Arc::new(Member {
@@ -688,13 +735,29 @@ impl<C: Correlate> Shared<C> {
             transport,
             assigned: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             outbox: Mutex::new(Outbox {
                 queue: Vec::new(),
                 arena: BytesMut::new(),
             }),
             task: AtomicWaker::new(),
         });
-        tokio::spawn(run_socket(Arc::downgrade(self), member.clone()));
+        // Made before it is spawned: a task dropped unpolled (its runtime
+        // shutting down) still closes the socket to new requests.
+        let task = SocketTask {
+            shared: Arc::downgrade(self),
+            member: member.clone(),
+            sending: Vec::new(),
+            next_to_send: 0,
+            in_flight: VecDeque::new(),
+            buffers: Vec::new(),
+            meta: [RecvMeta::default(); BATCH],
+            answers: BytesMut::new(),
+            wake: Vec::new(),
+            timer,
+            timer_set: false,
+        };
+        runtime.spawn(run_socket(task));
         Ok(member)
     }
 
@@ -704,7 +767,13 @@ impl<C: Correlate> Shared<C> {
         let mut pool = self.pool();
         let at = pool.next % pool.members.len();
         pool.next = pool.next.wrapping_add(1);
-        if pool.members[at].assigned.load(Ordering::Relaxed) >= self.rotate_after {
+        let current = &pool.members[at];
+        if current.closed.load(Ordering::SeqCst) {
+            // Its task is gone (its runtime shut down, say): a fresh one
+            // on this runtime.
+            let fresh = self.open(&mut pool)?;
+            pool.members[at] = fresh;
+        } else if current.assigned.load(Ordering::Relaxed) >= self.rotate_after {
             let fresh = self.open(&mut pool)?;
             let old = std::mem::replace(&mut pool.members[at], fresh);
             // It sends what it was given, reads the answers still due,
@@ -733,7 +802,46 @@ impl<C: Correlate> Shared<C> {
     /// Prepares `request`, registers the slot its answer goes to, and
     /// hands it to a socket's task to send.
     fn send(self: &Arc<Self>, request: &[u8]) -> Result<(usize, u64), UpstreamError> {
-        let member = self.member().map_err(UpstreamError::Send)?;
+        // A socket whose task ended meanwhile (rotated out and done, say)
+        // refuses the request: it goes to another.
+        for _ in 0..4 {
+            let member = self.member().map_err(UpstreamError::Send)?;
+            let (slot, ticket, prepared) = self.register(&member, request)?;
+            let was_idle = {
+                let mut outbox = member.outbox();
+                if member.closed.load(Ordering::SeqCst) {
+                    None
+                } else {
+                    let was_idle = outbox.queue.is_empty();
+                    outbox.queue.push(Outgoing {
+                        request: prepared,
+                        slot,
+                        ticket,
+                    });
+                    Some(was_idle)
+                }
+            };
+            match was_idle {
+                // A queue that held something has its wake-up on the way.
+                Some(true) => member.task.wake(),
+                Some(false) => {}
+                None => {
+                    self.table().remove(slot, ticket);
+                    continue;
+                }
+            }
+            return Ok((slot, ticket));
+        }
+        Err(UpstreamError::Closed)
+    }
+
+    /// Copies and prepares `request` for `member`, and registers the slot
+    /// its answer goes to.
+    fn register(
+        &self,
+        member: &Member,
+        request: &[u8],
+    ) -> Result<(usize, u64, Bytes), UpstreamError> {
         let mut buffer = {
             let mut outbox = member.outbox();
             let arena = &mut outbox.arena;
@@ -743,19 +851,14 @@ impl<C: Correlate> Shared<C> {
             arena.extend_from_slice(request);
             arena.split()
         };
-        let mut tries = 0;
-        let (slot, ticket, request) = loop {
-            // The protocol's code runs outside the client's locks, and a
-            // panic in it fails this request only.
+        for _ in 0..16 {
+            // `prepare` runs outside the client's locks, and a panic in it
+            // fails this request only.
             let prepared = catch_unwind(AssertUnwindSafe(|| self.correlate.prepare(&mut buffer)));
             let key = prepared.ok().flatten().ok_or(UpstreamError::Unprepared)?;
             let mut table = self.table();
             if table.by_key.contains_key(&key) {
                 // A key already waited for: prepare afresh (a new ID).
-                tries += 1;
-                if tries > 16 {
-                    return Err(UpstreamError::Unprepared);
-                }
                 continue;
             }
             let request = std::mem::take(&mut buffer).freeze();
@@ -769,23 +872,9 @@ impl<C: Correlate> Shared<C> {
                 state: SlotState::Waiting(None),
             });
             table.by_key.insert(key, slot);
-            break (slot, ticket, request);
-        };
-        let was_idle = {
-            let mut outbox = member.outbox();
-            let was_idle = outbox.queue.is_empty();
-            outbox.queue.push(Outgoing {
-                request,
-                slot,
-                ticket,
-            });
-            was_idle
-        };
-        // A queue that held something has its wake-up on the way.
-        if was_idle {
-            member.task.wake();
+            return Ok((slot, ticket, request));
         }
-        Ok((slot, ticket))
+        Err(UpstreamError::Unprepared)
     }
 }
 
@@ -794,20 +883,7 @@ impl<C: Correlate> Shared<C> {
 /// that waits for it; ends the requests whose deadline passed. Ends when
 /// the client is gone, or when the socket has been rotated out and
 /// nothing is due on it any more.
-async fn run_socket<C: Correlate>(shared: Weak<Shared<C>>, member: Arc<Member>) {
-    let mut task = SocketTask {
-        shared,
-        member,
-        sending: Vec::new(),
-        next_to_send: 0,
-        in_flight: VecDeque::new(),
-        buffers: Vec::new(),
-        meta: [RecvMeta::default(); BATCH],
-        answers: BytesMut::new(),
-        wake: Vec::new(),
-        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-        timer_set: false,
-    };
+async fn run_socket<C: Correlate>(mut task: SocketTask<C>) {
     poll_fn(|cx| task.poll(cx)).await;
 }
 
@@ -836,6 +912,10 @@ struct SocketTask<C: Correlate> {
 /// runtime shut down, say): they would otherwise wait forever.
 impl<C: Correlate> Drop for SocketTask<C> {
     fn drop(&mut self) {
+        {
+            let _outbox = self.member.outbox();
+            self.member.closed.store(true, Ordering::SeqCst);
+        }
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
@@ -867,13 +947,19 @@ impl<C: Correlate> SocketTask<C> {
         self.send(cx, &shared);
         self.receive(cx, &shared);
         self.expire(cx, &shared, now);
-        let retired = self.member.retired.load(Ordering::SeqCst);
-        if retired
+        if self.member.retired.load(Ordering::SeqCst)
             && self.in_flight.is_empty()
             && self.next_to_send == self.sending.len()
-            && self.member.outbox().queue.is_empty()
         {
-            return Poll::Ready(());
+            // Ends only if nothing was queued since: decided under the
+            // outbox lock, as senders check `closed` under it.
+            let outbox = self.member.outbox();
+            if outbox.queue.is_empty() {
+                self.member.closed.store(true, Ordering::SeqCst);
+                return Poll::Ready(());
+            }
+            drop(outbox);
+            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }
@@ -967,22 +1053,24 @@ impl<C: Correlate> SocketTask<C> {
         let mut unmatched = 0;
         for (m, buffer) in self.meta.iter().zip(&self.buffers).take(count) {
             let answer = &buffer[..m.len.min(buffer.len())];
+            // The protocol's code (and its key's hashing) may panic: that
+            // datagram is unmatched, the task goes on.
             let found = (m.peer == shared.addr && !m.truncated)
-                .then(|| catch_unwind(AssertUnwindSafe(|| shared.correlate.key(answer))).ok())
-                .flatten()
-                .flatten()
-                .and_then(|key| table.by_key.get(&key).copied())
-                .and_then(|slot| {
-                    let entry = &table.slots[slot];
-                    // Only on the socket its request left from, and only
-                    // if it answers what was asked.
-                    let accepted = entry.member == self.member.id
-                        && catch_unwind(AssertUnwindSafe(|| {
-                            shared.correlate.accept(&entry.request, answer)
-                        }))
-                        .unwrap_or(false);
-                    accepted.then_some((slot, entry.ticket))
-                });
+                .then(|| {
+                    catch_unwind(AssertUnwindSafe(|| {
+                        let key = shared.correlate.key(answer)?;
+                        let slot = *table.by_key.get(&key)?;
+                        let entry = &table.slots[slot];
+                        // Only on the socket its request left from, and
+                        // only if it answers what was asked.
+                        (entry.member == self.member.id
+                            && shared.correlate.accept(&entry.request, answer))
+                        .then_some((slot, entry.ticket))
+                    }))
+                    .ok()
+                    .flatten()
+                })
+                .flatten();
             let Some((slot, ticket)) = found else {
                 unmatched += 1;
                 continue;
@@ -1104,7 +1192,8 @@ impl<C: Correlate> Future for Answer<C> {
                 }
             }
             AnswerState::Failed(error) => Err(error),
-            AnswerState::Finished => Err(UpstreamError::Closed),
+            // Polled after it finished: its place was given back then.
+            AnswerState::Finished => return Poll::Ready(Err(UpstreamError::Closed)),
         };
         this.shared.release();
         Poll::Ready(result)
@@ -1116,15 +1205,9 @@ impl<C: Correlate> Drop for Answer<C> {
         match std::mem::replace(&mut self.state, AnswerState::Finished) {
             AnswerState::Finished => return,
             AnswerState::Waiting { slot, ticket } => {
-                let mut table = self.shared.table();
-                if table.slots.get(slot).is_some_and(|s| s.ticket == ticket) {
-                    let entry = table.slots.remove(slot);
-                    // Its own key only: once answered, the key may be
-                    // waited for by a later request.
-                    if table.by_key.get(&entry.key) == Some(&slot) {
-                        table.by_key.remove(&entry.key);
-                    }
-                }
+                // Its own key only: once answered, the key may be waited
+                // for by a later request.
+                self.shared.table().remove(slot, ticket);
             }
             AnswerState::Failed(_) => {}
         }

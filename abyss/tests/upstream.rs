@@ -1,6 +1,7 @@
 //! The upstream client against fake upstreams on loopback: matching,
 //! spoofed and late answers, deadlines, the outstanding bound, rotation.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -391,4 +392,104 @@ async fn a_rotated_socket_closes_a_timeout_later_even_if_strays_keep_coming() {
             "the retired socket stayed open"
         );
     }
+}
+
+#[tokio::test]
+async fn an_answer_polled_after_it_finished_gives_its_place_back_once() {
+    let (addr, _) = echo_upstream(Duration::ZERO).await;
+    let upstream = Upstream::builder(addr, Tagged::new())
+        .max_outstanding(1)
+        .build()
+        .unwrap();
+    let mut answer = upstream.try_call(&request(b"once")).expect("a place");
+    std::future::poll_fn(|cx| std::pin::Pin::new(&mut answer).poll(cx))
+        .await
+        .unwrap();
+    // Against the contract, polled again: an error, and no second place.
+    let again = futures_util::FutureExt::now_or_never(std::future::poll_fn(|cx| {
+        std::pin::Pin::new(&mut answer).poll(cx)
+    }));
+    assert!(
+        matches!(again, Some(Err(UpstreamError::Closed))),
+        "{again:?}"
+    );
+    let held = upstream.try_call(&request(b"1")).expect("the one place");
+    assert!(
+        upstream.try_call(&request(b"2")).is_none(),
+        "still one place at most"
+    );
+    drop(held);
+}
+
+#[test]
+fn a_client_whose_runtime_shut_down_serves_on_in_another() {
+    let (addr, upstream) = {
+        let first = tokio::runtime::Runtime::new().unwrap();
+        first.block_on(async {
+            let (addr, _) = echo_upstream(Duration::ZERO).await;
+            let upstream = Upstream::builder(addr, Tagged::new())
+                .sockets(2)
+                .build()
+                .unwrap();
+            (addr, upstream)
+        })
+    };
+    // The first runtime is gone, with the sockets' tasks and the fake
+    // upstream: the sockets are replaced on this one.
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let socket = UdpSocket::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
+        });
+        for i in 0..4u32 {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                upstream.clone().oneshot(request(&i.to_be_bytes())),
+            )
+            .await
+            .expect("an answer, not a hang")
+            .unwrap();
+            assert_eq!(&answer[8..], &i.to_be_bytes());
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_racing_rotation_are_all_answered() {
+    let (addr, _) = echo_upstream(Duration::ZERO).await;
+    // A fresh socket for every request, from several tasks at once.
+    let upstream = Upstream::builder(addr, Tagged::new())
+        .sockets(1)
+        .rotate_after(1)
+        .max_outstanding(16)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut asks = tokio::task::JoinSet::new();
+    for task in 0..8u32 {
+        let upstream = upstream.clone();
+        asks.spawn(async move {
+            for i in 0..100u32 {
+                let body = (task * 1000 + i).to_be_bytes();
+                // A request left on a socket whose task ended would wait
+                // forever: bounded here.
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    upstream.clone().oneshot(request(&body)),
+                )
+                .await
+                .expect("an answer, not a hang")
+                .unwrap();
+                assert_eq!(&answer[8..], &body);
+            }
+        });
+    }
+    while let Some(joined) = asks.join_next().await {
+        joined.unwrap();
+    }
+    assert_eq!(upstream.stats().answered, 800);
 }
