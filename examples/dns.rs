@@ -182,9 +182,15 @@ async fn ask_over_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec
 /// in the listen queue.
 const MAX_TCP_CONNECTIONS: usize = 1024;
 
+/// The longest query taken over TCP, in bytes: a standard query is far
+/// shorter (only QUERY is forwarded), and a client announcing more loses
+/// its connection, so 1 024 connections hold at most 4 MiB of queries.
+pub const MAX_TCP_QUERY: usize = 4096;
+
 /// Serves DNS over TCP on `listener` with `forwarder` (RFC 7766: several
 /// length-prefixed queries per connection, answered in order). At most
-/// 1 024 connections at once, each closed after `idle` without a query.
+/// 1 024 connections at once, each closed after `idle` without a query or
+/// after a query longer than [`MAX_TCP_QUERY`].
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     forwarder: Arc<Forwarder>,
@@ -208,13 +214,20 @@ pub async fn serve_tcp(
         let forwarder = forwarder.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            // One buffer per connection, for its queries in turn.
+            let mut query = Vec::new();
             loop {
                 let mut len = [0u8; 2];
                 match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
                     Ok(Ok(_)) => {}
                     _ => return,
                 }
-                let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                let len = usize::from(u16::from_be_bytes(len));
+                if len > MAX_TCP_QUERY {
+                    tracing::debug!(%peer, len, "TCP query too long");
+                    return;
+                }
+                query.resize(len, 0);
                 if !matches!(
                     tokio::time::timeout(idle, stream.read_exact(&mut query)).await,
                     Ok(Ok(_))

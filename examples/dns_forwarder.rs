@@ -139,8 +139,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .serve(
             tower::ServiceBuilder::new()
                 .option_layer(rrl.as_ref().map(|rrl| rrl.layer()))
-                // One error type with the layer on or off.
+                // One error and one reply type with the layer on or off.
                 .map_err(Into::<abyss::BoxError>::into)
+                .map_response(|reply: Option<abyss::Bytes>| reply.map(abyss::Reply::new))
                 .service(abyss_examples::dns::truncate_large(
                     answering,
                     factor,

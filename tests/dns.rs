@@ -920,6 +920,32 @@ async fn the_forwarded_edns_size_is_lowered_to_what_the_forwarder_reads() {
     handle.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_tcp_client_announcing_an_overlong_query_loses_its_connection_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let forwarder = Arc::new(Forwarder::new(
+        upstream.local_addr().unwrap(),
+        Duration::from_secs(2),
+    ));
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    // Idle connections would be kept 30 s: the close must come sooner.
+    tokio::spawn(abyss_examples::dns::serve_tcp(
+        tcp,
+        forwarder,
+        Duration::from_secs(30),
+    ));
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let announced = u16::try_from(abyss_examples::dns::MAX_TCP_QUERY + 1).unwrap();
+    stream.write_all(&announced.to_be_bytes()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .expect("closed at once, not after the idle time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blast_of_every_id_at_the_upstream_port_poisons_nothing_in_20_tries() {
     // The upstream stays silent while a forger, from its address and to

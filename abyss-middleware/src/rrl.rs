@@ -96,7 +96,7 @@ use tower::{BoxError, Layer, Service};
 use crate::rate_limit::table::{SharedTable, Table, TableClock};
 use crate::rate_limit::{DEFAULT_MAX_TRACKED_PEERS, KeyFn, prefix_key};
 use crate::targets::LISTENER;
-use crate::{Datagram, DropReason, IntoReply, RateLimitError, Validate};
+use crate::{Datagram, DropReason, IntoReply, RateLimitError, Reply, Validate};
 
 /// What kind of response a reply is, and what to send instead of it when
 /// a limited one slips. Implemented by the protocol: see the [module
@@ -386,7 +386,8 @@ impl<C: Classify> ResponseRateLimit<C> {
 
     /// The layer that applies it. It goes around the service (or the
     /// layers that make replies): it acts on each reply as the inner
-    /// service's future resolves, and its responses are `Option<Bytes>`.
+    /// service's future resolves, and its responses are `Option<Reply>`,
+    /// with the TOS byte the service asked for.
     ///
     /// # Example
     ///
@@ -842,7 +843,9 @@ where
     R: Datagram,
     C: Classify,
 {
-    type Response = Option<Bytes>;
+    /// The reply (or slip reply), with the TOS byte the inner service
+    /// asked for.
+    type Response = Option<Reply>;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, C>;
 
@@ -883,16 +886,20 @@ where
     E: Into<BoxError>,
     C: Classify,
 {
-    type Output = Result<Option<Bytes>, BoxError>;
+    type Output = Result<Option<Reply>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.inner.poll(cx)).map_err(Into::into)?;
+        let tos = response.tos();
         let Some(reply) = response.into_reply() else {
             return Poll::Ready(Ok(None));
         };
         Poll::Ready(match this.rrl.decide(*this.peer, reply) {
-            Ok(reply) => Ok(reply),
+            Ok(reply) => Ok(reply.map(|payload| match tos {
+                Some(tos) => Reply::new(payload).with_tos(tos),
+                None => Reply::new(payload),
+            })),
             Err(reason) => {
                 tracing::debug!(target: LISTENER, peer = %this.peer, "response_rate_limited");
                 Err(reason.into_error())

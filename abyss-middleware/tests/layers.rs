@@ -658,6 +658,29 @@ async fn response_rate_limiting_spares_exempt_peers_and_drops_through_the_layer(
 }
 
 #[tokio::test(start_paused = true)]
+async fn response_rate_limiting_keeps_the_tos_the_service_asked_for() {
+    use abyss_middleware::rrl::ResponseRateLimit;
+    use abyss_middleware::{IntoReply, Reply};
+
+    let rrl = ResponseRateLimit::builder(ByFirstByte, 5).build().unwrap();
+    let mut service =
+        tower::ServiceBuilder::new()
+            .layer(rrl.layer())
+            .service_fn(|_: Packet| async {
+                Ok::<_, BoxError>(Reply::new(bytes::Bytes::from_static(b"A")).with_tos(46 << 2))
+            });
+    let reply = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Packet::from("192.0.2.1:1000", 1))
+        .await
+        .unwrap();
+    assert_eq!(reply.tos(), Some(46 << 2), "EF kept: {reply:?}");
+    assert_eq!(reply.into_reply().as_deref(), Some(&b"A"[..]));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_reply_the_budget_refuses_spends_none_of_it() {
     use abyss_middleware::ReplyBudget;
 

@@ -271,6 +271,16 @@ async fn upstreams_compose_with_towers_balance_retry_and_load_shed() {
     assert!(matches!(error, UpstreamError::TimedOut));
     assert_eq!(upstream.stats().sent, 3, "tried three times");
 
+    // Timeout: tower's deadline over the client's own.
+    let bounded = tower::ServiceBuilder::new()
+        .timeout(Duration::from_millis(10))
+        .service(upstream.clone());
+    let error = bounded.oneshot(request(b"lost")).await.unwrap_err();
+    assert!(
+        error.is::<tower::timeout::error::Elapsed>(),
+        "tower's timeout, before the client's 30 ms: {error}"
+    );
+
     // LoadShed: at the outstanding bound, a request fails at once.
     let slow = Upstream::builder(silent.local_addr().unwrap(), Tagged::new())
         .max_outstanding(1)
