@@ -4,42 +4,16 @@
 //! The whole process is counted (a global allocator), so this binary holds
 //! this one test only.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::UdpSocket;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Duration;
 
 use abyss::Server;
 use abyss::middleware::RateQuota;
-use abyss_tests::echo;
-
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: defers to the system allocator; only counts calls.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use abyss_tests::{CountingAllocator, echo};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// Round trips from one blocking client; returns the allocations counted
 /// while the measured ones ran.
@@ -59,11 +33,11 @@ fn ping_pong(server: std::net::SocketAddr, warm_up: usize, measured: usize) -> u
     for i in 0..warm_up {
         round_trip(i);
     }
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let before = CountingAllocator::allocations();
     for i in 0..measured {
         round_trip(i);
     }
-    ALLOCATIONS.load(Ordering::SeqCst) - before
+    CountingAllocator::allocations() - before
 }
 
 /// Sends `count` datagrams over the size limit, then one round trip (the
@@ -77,7 +51,7 @@ fn oversized(server: std::net::SocketAddr, count: usize) -> u64 {
     socket.connect(server).unwrap();
     let big = [0u8; 520];
     let mut buf = [0u8; 64];
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let before = CountingAllocator::allocations();
     for i in 0..count {
         socket.send(&big).unwrap();
         if i % 64 == 63 {
@@ -88,7 +62,7 @@ fn oversized(server: std::net::SocketAddr, count: usize) -> u64 {
     }
     socket.send(b"sync").unwrap();
     socket.recv(&mut buf).expect("a reply within 10 s");
-    ALLOCATIONS.load(Ordering::SeqCst) - before
+    CountingAllocator::allocations() - before
 }
 
 #[test]

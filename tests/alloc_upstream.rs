@@ -4,7 +4,6 @@
 //! The whole process is counted (a global allocator), so this binary holds
 //! this one test only.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,35 +12,11 @@ use std::time::Duration;
 use abyss::upstream::{Correlate, Upstream};
 use abyss::{Bytes, BytesMut, Server};
 use abyss_examples::dns::{Forwarder, service};
+use abyss_tests::CountingAllocator;
 use tower::{Service, ServiceExt};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: defers to the system allocator; only counts calls.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// An upstream on its own thread that answers each datagram with itself,
 /// the DNS response bit set (a blocking socket allocates nothing).
@@ -121,9 +96,9 @@ fn upstream_requests_and_forwarded_queries_allocate_nothing() {
         })
     };
     ask(2_000);
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let before = CountingAllocator::allocations();
     ask(measured);
-    let client = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    let client = CountingAllocator::allocations() - before;
     println!("upstream client: {client} allocations in {measured} requests");
 
     // The forwarder behind a server, queried by a blocking client.
@@ -156,11 +131,11 @@ fn upstream_requests_and_forwarded_queries_allocate_nothing() {
         for i in 0..2_000 {
             round_trip(i);
         }
-        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        let before = CountingAllocator::allocations();
         for i in 0..measured {
             round_trip(i);
         }
-        let _ = done.send(ALLOCATIONS.load(Ordering::SeqCst) - before);
+        let _ = done.send(CountingAllocator::allocations() - before);
     });
     let forwarded = runtime.block_on(finished).expect("the client finished");
     querier.join().unwrap();

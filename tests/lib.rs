@@ -1,9 +1,11 @@
 //! Helpers shared by the end-to-end tests: clients on loopback, an echo
 //! service, and bounded waits on a server's counters.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::time::Duration;
 
 use abyss::{Request, ServerHandle, Stats};
@@ -282,5 +284,58 @@ impl Drop for NetnsListener {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A global allocator that counts allocations and live bytes, for the
+/// tests that bound them. It counts the whole process, so a binary using
+/// it holds one test only, and installs it itself:
+///
+/// ```ignore
+/// #[global_allocator]
+/// static GLOBAL: abyss_tests::CountingAllocator = abyss_tests::CountingAllocator;
+/// ```
+#[derive(Debug)]
+pub struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+impl CountingAllocator {
+    /// Allocations (and reallocations) so far.
+    pub fn allocations() -> u64 {
+        ALLOCATIONS.load(Ordering::SeqCst)
+    }
+
+    /// Bytes allocated and not yet freed.
+    pub fn live_bytes() -> isize {
+        LIVE_BYTES.load(Ordering::SeqCst)
+    }
+}
+
+// SAFETY: defers to the system allocator; only counts.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
     }
 }

@@ -4,45 +4,15 @@
 //!
 //! The whole process is counted, so this binary holds this one test only.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::poll_fn;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicIsize, Ordering};
 
 use abyss::session::{Session, Sessions, Step};
 use abyss::{Bytes, Request, SendHandle, Service};
-
-struct Counting;
-
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: defers to the system allocator; only counts bytes.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use abyss_tests::CountingAllocator;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// A session as small as one gets: a counter.
 struct Counter(u64);
@@ -83,14 +53,14 @@ fn a_live_session_holds_little_memory() {
         let first = SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), 1));
         poll_fn(|cx| service.poll_ready(cx)).await.unwrap();
         service.call(datagram(first)).await.unwrap();
-        let before = LIVE_BYTES.load(Ordering::SeqCst);
+        let before = CountingAllocator::live_bytes();
         for port in 2..SESSIONS + 2 {
             let peer = SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), port));
             poll_fn(|cx| service.poll_ready(cx)).await.unwrap();
             let reply = service.call(datagram(peer)).await.unwrap();
             assert_eq!(reply.as_deref(), Some(&b"1"[..]));
         }
-        let after = LIVE_BYTES.load(Ordering::SeqCst);
+        let after = CountingAllocator::live_bytes();
         assert_eq!(sessions.stats().live, usize::from(SESSIONS) + 1);
         let per_session = (after - before) / SESSIONS as isize;
         sessions.shutdown().await;
