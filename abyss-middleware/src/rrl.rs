@@ -387,7 +387,8 @@ impl<C: Classify> ResponseRateLimit<C> {
     /// The layer that applies it. It goes around the service (or the
     /// layers that make replies): it acts on each reply as the inner
     /// service's future resolves, and its responses are `Option<Reply>`,
-    /// with the TOS byte the service asked for.
+    /// with the TOS byte the service asked for (a slip reply too: it goes
+    /// to the same client, on the same path).
     ///
     /// # Example
     ///

@@ -518,7 +518,10 @@ impl<C: Correlate> UpstreamBuilder<C> {
     /// its socket's task takes it to send (at once, unless the socket
     /// cannot take more). Answered requests behind one still waiting are
     /// forgotten when it ends: a socket remembers at most what it sends
-    /// in a timeout, 24 bytes each.
+    /// in a timeout, 24 bytes each. The sockets' tasks keep the time: on
+    /// a runtime that is not running (a current-thread runtime outside
+    /// `block_on`), nothing times out; tower's `Timeout` around the client
+    /// bounds a request wherever it waits.
     ///
     /// # Example
     ///
@@ -789,22 +792,27 @@ impl<C: Correlate> Shared<C> {
 
     /// Sends `request` on a place already taken.
     fn answer(self: &Arc<Self>, request: &[u8]) -> Answer<C> {
-        let state = match self.send(request) {
+        // Made first: if the key's hashing panics while the request is
+        // registered, dropping it gives the place back.
+        let mut answer = Answer {
+            shared: self.clone(),
+            state: AnswerState::Failed(UpstreamError::Closed),
+        };
+        answer.state = match self.send(request) {
             Ok((slot, ticket)) => AnswerState::Waiting { slot, ticket },
             Err(error) => AnswerState::Failed(error),
         };
-        Answer {
-            shared: self.clone(),
-            state,
-        }
+        answer
     }
 
     /// Prepares `request`, registers the slot its answer goes to, and
     /// hands it to a socket's task to send.
     fn send(self: &Arc<Self>, request: &[u8]) -> Result<(usize, u64), UpstreamError> {
         // A socket whose task ended meanwhile (rotated out and done, say)
-        // refuses the request: it goes to another.
-        for _ in 0..4 {
+        // refuses the request: it goes to another. Losing that race many
+        // times in a row takes rotation on every request under heavy
+        // contention; the bound only keeps a broken runtime from looping.
+        for _ in 0..64 {
             let member = self.member().map_err(UpstreamError::Send)?;
             let (slot, ticket, prepared) = self.register(&member, request)?;
             let was_idle = {

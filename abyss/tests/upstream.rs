@@ -503,3 +503,45 @@ async fn requests_racing_rotation_are_all_answered() {
     }
     assert_eq!(upstream.stats().answered, 800);
 }
+
+/// A key whose hashing panics for 0xff: a protocol's bug.
+#[derive(Clone, PartialEq, Eq)]
+struct Fragile(u8);
+
+impl std::hash::Hash for Fragile {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        assert!(self.0 != 0xff, "a key that cannot be hashed");
+        self.0.hash(state);
+    }
+}
+
+struct FragileKeys;
+
+impl Correlate for FragileKeys {
+    type Key = Fragile;
+
+    fn prepare(&self, request: &mut BytesMut) -> Option<Fragile> {
+        request.first().copied().map(Fragile)
+    }
+
+    fn key(&self, answer: &[u8]) -> Option<Fragile> {
+        answer.first().copied().map(Fragile)
+    }
+}
+
+#[tokio::test]
+async fn a_panic_hashing_a_key_gives_the_place_back() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = Upstream::builder(silent.local_addr().unwrap(), FragileKeys)
+        .max_outstanding(1)
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let panicked =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| upstream.try_call(b"\xff")));
+    assert!(panicked.is_err());
+    assert!(
+        upstream.try_call(b"\x01").is_some(),
+        "the one place was given back"
+    );
+}
