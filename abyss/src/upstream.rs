@@ -81,6 +81,70 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Several upstreams
+//!
+//! Clients of several upstreams go behind tower's balancers like any
+//! service; here power-of-two-choices over two (tower's `Retry` around
+//! it would send a timed-out request again, to either):
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use abyss::upstream::{Correlate, Upstream};
+//! # use abyss::{Bytes, BytesMut};
+//! use tower::balance::p2c::Balance;
+//! use tower::discover::ServiceList;
+//! use tower::load::Constant;
+//! use tower::{Service, ServiceExt};
+//! # struct Tagged;
+//! # impl Correlate for Tagged {
+//! #     type Key = u64;
+//! #     fn prepare(&self, request: &mut BytesMut) -> Option<u64> {
+//! #         let id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as u64;
+//! #         request.get_mut(..8)?.copy_from_slice(&id.to_be_bytes());
+//! #         Some(id)
+//! #     }
+//! #     fn key(&self, answer: &[u8]) -> Option<u64> {
+//! #         Some(u64::from_be_bytes(answer.get(..8)?.try_into().ok()?))
+//! #     }
+//! # }
+//! # async fn echo_server() -> std::net::SocketAddr {
+//! #     let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+//! #     let addr = server.local_addr().unwrap();
+//! #     tokio::spawn(async move {
+//! #         let mut buf = [0u8; 1500];
+//! #         while let Ok((n, from)) = server.recv_from(&mut buf).await {
+//! #             let _ = server.send_to(&buf[..n], from).await;
+//! #         }
+//! #     });
+//! #     addr
+//! # }
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let (first, second) = (echo_server().await, echo_server().await);
+//! let clients = [first, second].map(|addr| {
+//!     let client = Upstream::builder(addr, Tagged)
+//!         .timeout(Duration::from_millis(500))
+//!         .build()
+//!         .expect("a usable upstream");
+//!     Constant::new(client, 1)
+//! });
+//! let mut upstreams = Balance::new(ServiceList::new(clients));
+//! for _ in 0..10 {
+//!     let answer = upstreams
+//!         .ready()
+//!         .await?
+//!         .call(Bytes::from_static(b"\0\0\0\0\0\0\0\0ping"))
+//!         .await?;
+//!     assert_eq!(&answer[8..], b"ping");
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The DNS forwarder example tries its upstreams in order instead
+//! (failover), with [`Upstream::try_call`].
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
