@@ -7,7 +7,8 @@
 //! reflection attacks). Like QUIC before address validation, this layer
 //! lets a reply to a peer that has not been validated be at most `factor`
 //! times the request's size (3 by default); a larger reply is dropped,
-//! counted as `amplification` and traced as `amplification_limited`.
+//! counted as `amplification` and traced as `reply_refused` (reason
+//! `amplification`).
 //!
 //! What validates a peer is the service's business (a session that
 //! completed a handshake, a cookie, an allow list): give a [`Validate`]
@@ -40,17 +41,14 @@
 //! ```
 
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
-use crate::targets::LISTENER;
-use crate::{Datagram, DropReason, IntoReply};
+use crate::future::ReplyRule;
+use crate::{Datagram, IntoReply};
 
 /// Decides whether a peer has proven it owns its address.
 ///
@@ -306,65 +304,11 @@ where
         let peer = request.peer();
         let validated = self.validate.as_ref().is_some_and(|v| v.is_validated(peer));
         let limit = (!validated).then(|| request.payload_len().saturating_mul(self.factor));
-        ResponseFuture {
-            inner: self.inner.call(request),
-            limit,
-            peer,
-        }
+        ResponseFuture::new(self.inner.call(request), ReplyRule::Limit(limit), peer)
     }
 }
 
-pin_project! {
-    /// Response future of [`AmplificationGuard`]: the inner service's
-    /// response, or [`DropReason::Amplification`]'s error when it is too
-    /// large for an unvalidated peer.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use abyss_middleware::AmplificationGuardLayer;
-    /// use abyss_middleware::amplification::ResponseFuture;
-    /// use tower::{Layer, Service};
-    /// # #[derive(Debug)] struct Req;
-    /// # impl abyss_middleware::Datagram for Req {
-    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
-    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
-    /// #     fn payload_len(&self) -> usize { 0 }
-    /// # }
-    ///
-    /// type Inner = std::future::Ready<Result<Vec<u8>, std::convert::Infallible>>;
-    /// let mut service = AmplificationGuardLayer::new(3)
-    ///     .layer(tower::service_fn(|_: Req| std::future::ready(Ok(Vec::new()))));
-    /// let future: ResponseFuture<Inner> = service.call(Req);
-    /// # let _ = future;
-    /// ```
-    #[derive(Debug)]
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        limit: Option<usize>,
-        peer: SocketAddr,
-    }
-}
-
-impl<F, T, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-    T: IntoReply,
-    E: Into<BoxError>,
-{
-    type Output = Result<T, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.inner.poll(cx)).map_err(Into::into)?;
-        if let Some(limit) = *this.limit {
-            let size = response.reply_len();
-            if size > limit {
-                tracing::debug!(target: LISTENER, peer = %this.peer, size, limit, "amplification_limited");
-                return Poll::Ready(Err(DropReason::Amplification.into_error()));
-            }
-        }
-        Poll::Ready(Ok(response))
-    }
-}
+/// Response future of [`AmplificationGuard`]: the inner service's
+/// response, or [`DropReason::Amplification`](crate::DropReason::Amplification)'s error when it is too
+/// large for an unvalidated peer.
+pub use crate::future::ReplyFuture as ResponseFuture;

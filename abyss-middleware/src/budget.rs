@@ -6,7 +6,7 @@
 //! datagram is answered, so the server reflects as much as it is sent. A
 //! [`ReplyBudget`] caps the total. A reply over it is not sent; the datagram
 //! fails with [`error::OverBudget`](crate::error::OverBudget)
-//! ([`DropReason::OverBudget`]) and the server counts it as `over_budget`.
+//! ([`DropReason::OverBudget`](crate::DropReason::OverBudget)) and the server counts it as `over_budget`.
 //!
 //! Peers that [`Validate`] vouches for (those that proved they own their
 //! address: a handshake, a DNS cookie, an allow list) are exempt, so a
@@ -36,18 +36,15 @@
 //! ```
 
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service};
 
-use crate::targets::LISTENER;
-use crate::{Datagram, DropReason, IntoReply, RateLimitError, Validate};
+use crate::future::ReplyRule;
+use crate::{Datagram, IntoReply, RateLimitError, Validate};
 
 /// Nanoseconds in the second of burst each budget holds.
 const SECOND: u64 = 1_000_000_000;
@@ -469,67 +466,15 @@ where
 
     fn call(&mut self, request: R) -> Self::Future {
         let peer = request.peer();
-        ResponseFuture {
-            inner: self.inner.call(request),
-            budget: self.budget.clone(),
+        ResponseFuture::new(
+            self.inner.call(request),
+            ReplyRule::Budget(self.budget.clone()),
             peer,
-        }
+        )
     }
 }
 
-pin_project! {
-    /// Response future of [`ReplyBudgetService`]: the inner service's
-    /// response, or [`DropReason::OverBudget`]'s error when the reply is
-    /// over the budget.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// use abyss_middleware::ReplyBudget;
-    /// use abyss_middleware::budget::ResponseFuture;
-    /// use tower::{Layer, Service};
-    /// # #[derive(Debug)] struct Req;
-    /// # impl abyss_middleware::Datagram for Req {
-    /// #     fn peer(&self) -> std::net::SocketAddr { ([192, 0, 2, 1], 1).into() }
-    /// #     fn local(&self) -> std::net::SocketAddr { ([192, 0, 2, 2], 2).into() }
-    /// #     fn payload_len(&self) -> usize { 0 }
-    /// # }
-    ///
-    /// type Inner = std::future::Ready<Result<Vec<u8>, std::convert::Infallible>>;
-    /// let budget = ReplyBudget::builder().replies_per_second(100).build()?;
-    /// let mut service = budget
-    ///     .layer()
-    ///     .layer(tower::service_fn(|_: Req| std::future::ready(Ok(Vec::new()))));
-    /// let future: ResponseFuture<Inner> = service.call(Req);
-    /// # let _ = future;
-    /// # Ok::<(), abyss_middleware::RateLimitError>(())
-    /// ```
-    #[derive(Debug)]
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        budget: ReplyBudget,
-        peer: SocketAddr,
-    }
-}
-
-impl<F, T, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-    T: IntoReply,
-    E: Into<BoxError>,
-{
-    type Output = Result<T, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.inner.poll(cx)).map_err(Into::into)?;
-        // No reply (or an empty one) spends nothing.
-        let size = response.reply_len();
-        if size > 0 && !this.budget.spend(*this.peer, size) {
-            tracing::debug!(target: LISTENER, peer = %this.peer, size, "over_budget");
-            return Poll::Ready(Err(DropReason::OverBudget.into_error()));
-        }
-        Poll::Ready(Ok(response))
-    }
-}
+/// Response future of [`ReplyBudgetService`]: the inner service's
+/// response, or [`DropReason::OverBudget`](crate::DropReason::OverBudget)'s error when the reply is
+/// over the budget.
+pub use crate::future::ReplyFuture as ResponseFuture;

@@ -872,11 +872,10 @@ impl<C: Correlate> Shared<C> {
     /// Prepares `request`, registers the slot its answer goes to, and
     /// hands it to a socket's task to send.
     fn send(self: &Arc<Self>, request: &[u8]) -> Result<(usize, u64), UpstreamError> {
-        // A socket whose task ended meanwhile (rotated out and done, say)
-        // refuses the request: it goes to another. Losing that race many
-        // times in a row takes rotation on every request under heavy
-        // contention; the bound only keeps a broken runtime from looping.
-        for _ in 0..64 {
+        // A socket whose task is gone (its runtime shut down) refuses the
+        // request, which goes to the fresh socket that replaces it. (A
+        // rotated-out socket does not end while a caller holds it.)
+        for _ in 0..4 {
             let member = self.member().map_err(UpstreamError::Send)?;
             let (slot, ticket, prepared) = self.register(&member, request)?;
             let was_idle = {
@@ -1023,10 +1022,12 @@ impl<C: Correlate> SocketTask<C> {
             && self.in_flight.is_empty()
             && self.next_to_send == self.sending.len()
         {
-            // Ends only if nothing was queued since: decided under the
-            // outbox lock, as senders check `closed` under it.
+            // Out of the pool, the socket gains no new callers; it ends
+            // once none holds it (one may be between choosing it and
+            // queueing on it) and nothing is queued, decided under the
+            // outbox lock.
             let outbox = self.member.outbox();
-            if outbox.queue.is_empty() {
+            if outbox.queue.is_empty() && Arc::strong_count(&self.member) == 1 {
                 self.member.closed.store(true, Ordering::SeqCst);
                 return Poll::Ready(());
             }

@@ -118,8 +118,6 @@ pub(super) struct InFlightSet<F> {
     slots: Vec<Slot<F>>,
     /// Empty slots, to be used again.
     free: Vec<usize>,
-    /// Slots whose futures are in the set.
-    len: usize,
     ready: Arc<ReadyQueue>,
     /// Slots taken from `ready`, still to poll.
     polling: Vec<usize>,
@@ -171,7 +169,6 @@ where
         Self {
             slots: Vec::new(),
             free: Vec::new(),
-            len: 0,
             ready: Arc::new(ReadyQueue {
                 slots: Mutex::new(Vec::new()),
                 listener: AtomicWaker::new(),
@@ -181,7 +178,7 @@ where
     }
 
     pub(super) fn len(&self) -> usize {
-        self.len
+        self.slots.len() - self.free.len()
     }
 
     /// Polls `future` once in a slot of the set: its outcome if it
@@ -205,7 +202,6 @@ where
             }
         };
         self.slots[index].future.as_mut().set(Some(future));
-        self.len += 1;
         self.poll_slot(index)
     }
 
@@ -223,7 +219,6 @@ where
             done.finished = Finished::Panicked(message);
         }
         self.free.push(index);
-        self.len -= 1;
         Some(done)
     }
 
@@ -263,7 +258,6 @@ where
                 self.free.push(index);
             }
         }
-        self.len = 0;
     }
 }
 
