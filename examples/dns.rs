@@ -85,20 +85,9 @@ impl Forwarder {
     /// The reply to `query`, or `None` to send nothing. A relayed answer
     /// is the upstream's, rewritten in place: no copy, no allocation.
     pub async fn answer(&self, query: &[u8]) -> Option<Bytes> {
-        // Without a whole header there is nothing to answer; a response is
-        // never answered (no reflection loops between servers).
-        let header = query.get(..12)?;
-        if header[2] & 0x80 != 0 {
-            return None;
-        }
-        let opcode = (header[2] >> 3) & 0x0f;
-        let question = question_end(query);
-        if opcode != 0 {
-            return Some(error_reply(query, question, 4).into()); // NOTIMP
-        }
-        let Some(end) = question else {
-            tracing::debug!("malformed query");
-            return Some(error_reply(query, None, 1).into()); // FORMERR
+        let end = match screen(query) {
+            Ok(end) => end,
+            Err(reply) => return reply.map(Bytes::from),
         };
         let upstreams = self.upstreams.get_or_init(|| {
             self.addrs
@@ -139,16 +128,9 @@ impl Forwarder {
     /// client told to retry over TCP (TC=1) gets its whole answer. TCP
     /// cannot be spoofed blind: the ID is kept and the case left alone.
     pub async fn answer_over_tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let header = query.get(..12)?;
-        if header[2] & 0x80 != 0 {
-            return None;
-        }
-        let question = question_end(query);
-        if (header[2] >> 3) & 0x0f != 0 {
-            return Some(error_reply(query, question, 4)); // NOTIMP
-        }
-        let Some(end) = question else {
-            return Some(error_reply(query, None, 1)); // FORMERR
+        let end = match screen(query) {
+            Ok(end) => end,
+            Err(reply) => return reply,
         };
         for &upstream in &self.addrs {
             match tokio::time::timeout(self.timeout, ask_over_tcp(upstream, query)).await {
@@ -160,6 +142,25 @@ impl Forwarder {
         }
         Some(error_reply(query, Some(end), 2)) // SERVFAIL
     }
+}
+
+/// Where the question of a standard query ends, or what to answer instead
+/// (`None`: nothing). Without a whole header there is nothing to answer;
+/// a response is never answered (no reflection loops between servers);
+/// other opcodes get NOTIMP, a malformed query FORMERR.
+fn screen(query: &[u8]) -> Result<usize, Option<Vec<u8>>> {
+    let header = query.get(..12).ok_or(None)?;
+    if header[2] & 0x80 != 0 {
+        return Err(None);
+    }
+    let question = question_end(query);
+    if (header[2] >> 3) & 0x0f != 0 {
+        return Err(Some(error_reply(query, question, 4))); // NOTIMP
+    }
+    question.ok_or_else(|| {
+        tracing::debug!("malformed query");
+        Some(error_reply(query, None, 1)) // FORMERR
+    })
 }
 
 /// One query over a TCP connection of its own: two bytes of length, then
@@ -368,44 +369,15 @@ fn relay(query: &[u8], question_end: usize, mut reply: BytesMut) -> Bytes {
 }
 
 /// Lowers the UDP payload size of the query's OPT record (EDNS, RFC 6891)
-/// to `max` when it is larger. Only queries whose records are all in the
-/// additional section are looked at; anything malformed is left alone.
-fn lower_edns_size(message: &mut [u8], question_end: usize, max: u16) {
-    let count = |at: usize| u16::from_be_bytes([message[at], message[at + 1]]);
-    let (answers, authorities, additionals) = (count(6), count(8), count(10));
-    if answers != 0 || authorities != 0 {
+/// to `max` when it is larger; anything malformed is left alone.
+fn lower_edns_size(message: &mut [u8], max: u16) {
+    let Some(fixed) = crate::dns_cookies::opt_record(message) else {
         return;
-    }
-    let mut at = question_end;
-    for _ in 0..additionals {
-        // The owner name: labels, or a pointer.
-        loop {
-            let Some(&len) = message.get(at) else {
-                return;
-            };
-            match len & 0xc0 {
-                0xc0 => {
-                    at += 2;
-                    break;
-                }
-                0 => at += 1 + usize::from(len),
-                _ => return,
-            }
-            if len == 0 {
-                break;
-            }
-        }
-        let Some(fixed) = message.get_mut(at..at + 10) else {
-            return;
-        };
-        if fixed[..2] == [0, 41] {
-            // OPT: its class is the requester's UDP payload size.
-            if u16::from_be_bytes([fixed[2], fixed[3]]) > max {
-                fixed[2..4].copy_from_slice(&max.to_be_bytes());
-            }
-            return;
-        }
-        at += 10 + usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+    };
+    if let Some(class) = message.get_mut(fixed + 2..fixed + 4)
+        && u16::from_be_bytes([class[0], class[1]]) > max
+    {
+        class.copy_from_slice(&max.to_be_bytes());
     }
 }
 
@@ -439,7 +411,7 @@ impl Correlate for DnsIds {
                 used += 1;
             }
         }
-        lower_edns_size(query, end, MAX_UPSTREAM_ANSWER);
+        lower_edns_size(query, MAX_UPSTREAM_ANSWER);
         Some(id)
     }
 
@@ -450,20 +422,20 @@ impl Correlate for DnsIds {
     }
 
     fn accept(&self, query: &[u8], answer: &[u8]) -> bool {
-        match (question_end(query), question_end(answer)) {
-            // The question exactly as sent: name case, type and class.
-            (Some(sent), Some(got)) => sent == got && query[12..sent] == answer[12..got],
-            // An error without a question, and without records: FORMERR,
-            // SERVFAIL, NOTIMP or REFUSED. (NXDOMAIN names a name: it
-            // must echo the question.)
-            (Some(_), None) => {
-                answer.get(4..10) == Some(&[0, 0, 0, 0, 0, 0])
-                    && answer
-                        .get(3)
-                        .is_some_and(|b| matches!(b & 0x0f, 1 | 2 | 4 | 5))
-            }
-            _ => false,
+        let Some(sent) = question_end(query) else {
+            return false;
+        };
+        if answer.get(4..6) == Some(&[0, 1]) {
+            // One question, exactly as sent: name case, type and class.
+            return answer.get(12..sent) == Some(&query[12..sent]);
         }
+        // An error without a question, and without records: FORMERR,
+        // SERVFAIL, NOTIMP or REFUSED. (NXDOMAIN names a name: it must
+        // echo the question.)
+        answer.get(4..10) == Some(&[0, 0, 0, 0, 0, 0])
+            && answer
+                .get(3)
+                .is_some_and(|b| matches!(b & 0x0f, 1 | 2 | 4 | 5))
     }
 }
 

@@ -669,6 +669,17 @@ fn find_cookie_option(message: &[u8]) -> CookieOption<'_> {
 
 /// The data of the first OPT record in the additional section.
 fn opt_record_data(message: &[u8]) -> Option<&[u8]> {
+    let fixed = opt_record(message)?;
+    let start = fixed.checked_add(10)?;
+    let len = usize::from(read_u16(message, fixed.checked_add(8)?)?);
+    message.get(start..start.checked_add(len)?)
+}
+
+/// Where the fixed part (type, class, TTL, data length) of a message's
+/// OPT record (EDNS, RFC 6891) starts, if it has one: past the question,
+/// answer and authority sections, the first additional record of type
+/// OPT. Its class is the requester's UDP payload size.
+pub(crate) fn opt_record(message: &[u8]) -> Option<usize> {
     let questions = read_u16(message, 4)?;
     let records = usize::from(read_u16(message, 6)?) + usize::from(read_u16(message, 8)?);
     let additionals = read_u16(message, 10)?;
@@ -680,9 +691,9 @@ fn opt_record_data(message: &[u8]) -> Option<&[u8]> {
         at = skip_record(message, at)?.1;
     }
     for _ in 0..additionals {
-        let (record_type, next, data) = skip_record(message, at)?;
+        let (record_type, next, _) = skip_record(message, at)?;
         if record_type == OPT_TYPE {
-            return Some(data);
+            return skip_name(message, at);
         }
         at = next;
     }

@@ -218,10 +218,7 @@ async fn hand_over(
 ) -> abyss::DrainReport {
     loop {
         let stream = match offers.accept().await {
-            Ok((stream, _)) => stream.into_std().and_then(|stream| {
-                stream.set_nonblocking(false)?;
-                Ok(stream)
-            }),
+            Ok((stream, _)) => stream.into_std(),
             Err(error) => Err(error),
         };
         match stream {

@@ -1244,6 +1244,8 @@ async fn a_handover_under_steady_traffic_loses_no_datagram() {
     // A quarter of the way in, a successor takes the port over.
     started.recv().await.unwrap();
     let (ours, theirs) = UnixStream::pair().unwrap();
+    // Non-blocking, as a stream accepted with tokio is: hand_over copes.
+    ours.set_nonblocking(true).unwrap();
     let handing = tokio::spawn({
         let old = old.clone();
         async move { old.hand_over(ours).await }

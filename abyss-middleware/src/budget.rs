@@ -46,6 +46,12 @@ use tower::{BoxError, Layer, Service};
 use crate::future::ReplyRule;
 use crate::{Datagram, IntoReply, RateLimitError, Validate};
 
+/// What `units` take of a budget of `per_second`, in nanoseconds.
+fn cost(units: u64, per_second: u32) -> u64 {
+    let ns = u128::from(units) * u128::from(SECOND) / u128::from(per_second);
+    u64::try_from(ns).unwrap_or(u64::MAX)
+}
+
 /// Nanoseconds in the second of burst each budget holds.
 const SECOND: u64 = 1_000_000_000;
 
@@ -86,6 +92,8 @@ struct Shared {
     /// Replies per second, and bytes per second.
     replies: Option<u32>,
     bytes: Option<u32>,
+    /// What one reply takes of the replies' second, in nanoseconds.
+    reply_cost: Option<u64>,
     tats: Mutex<Tats>,
     base: tokio::time::Instant,
     exempt: Option<Box<dyn Validate>>,
@@ -342,9 +350,11 @@ impl ReplyBudgetBuilder {
             Some(0) => Err(RateLimitError::new(field, "must be at least 1")),
             _ => Ok(per_second),
         };
+        let replies = check("replies_per_second", self.replies)?;
         Ok(ReplyBudget {
             shared: Arc::new(Shared {
-                replies: check("replies_per_second", self.replies)?,
+                reply_cost: replies.map(|n| cost(1, n)),
+                replies,
                 bytes: check("bytes_per_second", self.bytes)?,
                 tats: Mutex::new(Tats::default()),
                 base: tokio::time::Instant::now(),
@@ -366,12 +376,8 @@ impl Shared {
                 .as_nanos(),
         )
         .unwrap_or(u64::MAX);
-        // What one reply, and these bytes, take: a share of a second.
-        let cost = |units: u64, per_second: u32| {
-            let ns = u128::from(units) * u128::from(SECOND) / u128::from(per_second);
-            u64::try_from(ns).unwrap_or(u64::MAX)
-        };
-        let reply_cost = self.replies.map(|n| cost(1, n));
+        // What these bytes take: a share of a second.
+        let reply_cost = self.reply_cost;
         let bytes_cost = self
             .bytes
             .map(|n| cost(u64::try_from(bytes).unwrap_or(u64::MAX), n));

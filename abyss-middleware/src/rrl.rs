@@ -224,7 +224,7 @@ enum Debit {
 
 struct Shared<C: Classify> {
     classify: C,
-    accounts: Arc<Table<Key<C::Class>>>,
+    accounts: SharedTable<Key<C::Class>>,
     clock: TableClock,
     /// Nanoseconds one response takes from an account.
     interval: u64,
@@ -270,11 +270,11 @@ struct Shared<C: Classify> {
 /// let rrl = ResponseRateLimit::builder(All, 2).build()?;
 /// let victim = "192.0.2.7:53".parse().unwrap();
 /// let reply = Bytes::from_static(b"a large answer");
-/// assert_eq!(rrl.decide(victim, reply.clone()), Ok(Some(reply.clone())));
-/// assert_eq!(rrl.decide(victim, reply.clone()), Ok(Some(reply.clone())));
+/// assert_eq!(rrl.decide(victim, reply.clone()), Ok(reply.clone()));
+/// assert_eq!(rrl.decide(victim, reply.clone()), Ok(reply.clone()));
 /// // Over 2 a second: dropped, then slipped, then dropped...
 /// assert!(rrl.decide(victim, reply.clone()).is_err());
-/// assert_eq!(rrl.decide(victim, reply.clone()), Ok(Some(Bytes::from_static(b"TC"))));
+/// assert_eq!(rrl.decide(victim, reply.clone()), Ok(Bytes::from_static(b"TC")));
 /// assert_eq!((rrl.stats().dropped, rrl.stats().slipped), (1, 1));
 /// # Ok(())
 /// # }
@@ -422,40 +422,40 @@ impl<C: Classify> ResponseRateLimit<C> {
         ResponseRateLimitLayer { rrl: self.clone() }
     }
 
-    /// Decides what becomes of `reply` to `peer`: sent (`Ok(Some(reply))`),
-    /// replaced by the slip reply (`Ok(Some(slip))`), or dropped
+    /// Decides what becomes of `reply` to `peer`: sent (`Ok(reply)`),
+    /// replaced by the slip reply (`Ok(slip)`), or dropped
     /// (`Err(DropReason::RateLimited)`). The layer calls it for every
     /// reply; call it yourself where a layer does not fit.
     ///
     /// # Example
     ///
     /// See [`ResponseRateLimit`].
-    pub fn decide(&self, peer: SocketAddr, reply: Bytes) -> Result<Option<Bytes>, DropReason> {
+    pub fn decide(&self, peer: SocketAddr, reply: Bytes) -> Result<Bytes, DropReason> {
         let shared = &*self.shared;
         if shared.exempt.as_ref().is_some_and(|v| v.is_validated(peer)) {
             shared.unlimited.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(reply));
+            return Ok(reply);
         }
         let Some(class) = shared.classify.classify(&reply) else {
             shared.unlimited.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(reply));
+            return Ok(reply);
         };
         let key = ((shared.prefix)(peer), class);
         let debit = self.debit(&key);
         if debit == Debit::InCredit {
             shared.sent.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(reply));
+            return Ok(reply);
         }
         if shared.log_only {
             shared.logged.fetch_add(1, Ordering::Relaxed);
             self.log_limited(peer);
-            return Ok(Some(reply));
+            return Ok(reply);
         }
         if debit == Debit::Slip
             && let Some(slip) = shared.classify.slip(&reply)
         {
             shared.slipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(slip));
+            return Ok(slip);
         }
         shared.dropped.fetch_add(1, Ordering::Relaxed);
         Err(DropReason::RateLimited)
@@ -465,12 +465,11 @@ impl<C: Classify> ResponseRateLimit<C> {
     fn debit(&self, key: &Key<C::Class>) -> Debit {
         let shared = &*self.shared;
         let now = Nanos::from(shared.clock.elapsed()).as_u64();
-        let table = SharedTable(shared.accounts.clone());
         // An account is the time its debt is paid off (one interval later
         // for every response, sent or not, never more than the window
         // ahead), to 256 ns, and in the low byte its limited responses
         // since the last slip.
-        let outcome: Result<Debit, ()> = table.measure_and_replace(key, |state| {
+        let outcome: Result<Debit, ()> = shared.accounts.measure_and_replace(key, |state| {
             let state = state.map_or(0, Nanos::as_u64);
             let (paid_off, limited) = (state & !SLIP_COUNT, state & SLIP_COUNT);
             let after =
@@ -548,7 +547,7 @@ impl<C: Classify> ResponseRateLimit<C> {
     /// # }
     /// ```
     pub fn tracked(&self) -> usize {
-        self.shared.accounts.totals().tracked
+        self.shared.accounts.0.totals().tracked
     }
 }
 
@@ -749,7 +748,10 @@ impl<C: Classify> ResponseRateLimitBuilder<C> {
         Ok(ResponseRateLimit {
             shared: Arc::new(Shared {
                 classify: self.classify,
-                accounts: Arc::new(Table::new(self.max_tracked, TableClock::new(base))),
+                accounts: SharedTable(Arc::new(Table::new(
+                    self.max_tracked,
+                    TableClock::new(base),
+                ))),
                 clock,
                 interval: (second / u64::from(self.responses_per_second)).max(1),
                 credit: second,
@@ -897,7 +899,7 @@ where
             return Poll::Ready(Ok(None));
         };
         Poll::Ready(match this.rrl.decide(*this.peer, reply) {
-            Ok(reply) => Ok(reply.map(|payload| match tos {
+            Ok(payload) => Ok(Some(match tos {
                 Some(tos) => Reply::new(payload).with_tos(tos),
                 None => Reply::new(payload),
             })),

@@ -543,6 +543,9 @@ impl ServerHandle {
                 use std::io::Read;
                 use std::os::fd::AsFd;
                 let borrowed: Vec<_> = sockets.iter().map(AsFd::as_fd).collect();
+                // Blocking here, with a read timeout, whatever the stream
+                // was (one accepted by tokio is non-blocking).
+                stream.set_nonblocking(false)?;
                 crate::transport::BoundSockets::send(&stream, &borrowed)?;
                 stream.set_read_timeout(Some(wait))?;
                 let mut word = [0u8; 1];
@@ -558,11 +561,10 @@ impl ServerHandle {
             .map_err(|join| handover(io::Error::other(join)))?
             .map_err(handover)?;
             // The successor reads the sockets: stop reading them, without
-            // touching them.
-            if let Phase::Running(listeners) = &lifecycle.phase {
-                for listener in listeners {
-                    listener.control.hand_over();
-                }
+            // touching them. (The lifecycle is still locked: the same
+            // listeners.)
+            for listener in listeners {
+                listener.control.hand_over();
             }
         }
         tracing::info!(target: LISTENER, local = %self.local_addr(), "sockets handed over");
@@ -990,5 +992,6 @@ const READY: [u8; 1] = *b"R";
 #[cfg(unix)]
 pub fn successor_ready(stream: &std::os::unix::net::UnixStream) -> io::Result<()> {
     use std::io::Write;
+    stream.set_nonblocking(false)?;
     (&*stream).write_all(&READY)
 }

@@ -364,6 +364,30 @@ enum RateLimitOption {
     Limiter(PeerRateLimiter),
 }
 
+impl RateLimitOption {
+    /// The limiter given, or one built from the quota (per network with
+    /// `prefixes`, the IPv4 and IPv6 prefix lengths); an error names
+    /// `field`.
+    fn limiter(
+        &self,
+        field: &'static str,
+        prefixes: Option<(u8, u8)>,
+    ) -> Result<PeerRateLimiter, Error> {
+        match self {
+            RateLimitOption::Limiter(limiter) => Ok(limiter.clone()),
+            RateLimitOption::Quota(quota) => {
+                let builder = PeerRateLimiter::builder(*quota);
+                match prefixes {
+                    Some((v4, v6)) => builder.prefixes(v4, v6),
+                    None => builder,
+                }
+                .build()
+                .map_err(|e| Error::config(field, e.qualified_reason(field)))
+            }
+        }
+    }
+}
+
 impl fmt::Debug for Builder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
@@ -1235,26 +1259,18 @@ impl Builder {
         if self.layers.timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::config("timeout", "must be longer than zero"));
         }
-        let rate_limiter = match &self.layers.rate_limit {
-            None => None,
-            Some(RateLimitOption::Limiter(limiter)) => Some(limiter.clone()),
-            Some(RateLimitOption::Quota(quota)) => Some(
-                PeerRateLimiter::new(*quota)
-                    .map_err(|e| Error::config("rate_limit", e.qualified_reason("rate_limit")))?,
-            ),
-        };
-        let prefix_rate_limiter = match &self.layers.prefix_rate_limit {
-            None => None,
-            Some(RateLimitOption::Limiter(limiter)) => Some(limiter.clone()),
-            Some(RateLimitOption::Quota(quota)) => Some(
-                PeerRateLimiter::builder(*quota)
-                    .prefixes(24, 56)
-                    .build()
-                    .map_err(|e| {
-                        Error::config("prefix_rate_limit", e.qualified_reason("prefix_rate_limit"))
-                    })?,
-            ),
-        };
+        let rate_limiter = self
+            .layers
+            .rate_limit
+            .as_ref()
+            .map(|option| option.limiter("rate_limit", None))
+            .transpose()?;
+        let prefix_rate_limiter = self
+            .layers
+            .prefix_rate_limit
+            .as_ref()
+            .map(|option| option.limiter("prefix_rate_limit", Some((24, 56))))
+            .transpose()?;
         Ok(Config {
             addr,
             name: self.name.clone(),
